@@ -1,0 +1,79 @@
+"""A model folder -> a ready model and tokenizer on the requested device.
+
+Order matters for the user: every cheap check (folder, config, architecture, tokenizer) runs before
+any weight is read, and each failure is one ModelLoadError line that says what to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import CheckpointReader
+from engine.config import ModelConfig, read_config_json
+from engine.errors import ModelLoadError
+from engine.models import family_for
+from engine.models.hybrid import HybridLM
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    model: HybridLM
+    tokenizer: Tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """'auto': the checkpoint's dtype on a GPU; fp32 on CPU, where half precision is slow and
+    gains nothing for the small models that run there."""
+    if name == "auto":
+        return DTYPES.get(config.dtype, torch.bfloat16) if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    model_dir = Path(model_dir).expanduser()
+    raw = read_config_json(model_dir)
+    family = family_for(raw.get("model_type"))
+    config = family.parse_config(raw)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, config, torch_device)
+
+    reader = CheckpointReader(model_dir, family.rename)
+    weights = family.load_weights(config, reader)
+    if reader.unused:
+        names = sorted(reader.unused)
+        log.warning("ignoring %d weight(s) the model does not use: %s%s", len(names), ", ".join(names[:5]),
+                    " ..." if len(names) > 5 else "")
+
+    with torch.device("meta"):
+        model = HybridLM(config)
+    for name, param in model.named_parameters():
+        want = torch.float32 if param.fp32 else torch_dtype
+        weights[name] = weights[name].to(device=torch_device, dtype=want).contiguous()
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.eval()
+    log.info("loaded %s (%s, %d layers) on %s as %s", model_dir, config.model_type, config.num_layers,
+             torch_device, torch_dtype)
+    return LoadedModel(model_dir, config, model, tokenizer)

@@ -1,0 +1,75 @@
+"""The one decoder every supported family runs: pre-norm blocks of (Gated DeltaNet | attention)
+token mixer + (dense | MoE) MLP, final norm, LM head.
+
+Canonical parameter names (what the family weight maps produce):
+  embed                                  [vocab, hidden]
+  layers.{i}.mixer_norm / mlp_norm       [hidden] fp32 (zero-centred +1 already folded in)
+  layers.{i}.mixer.*                     see GatedDeltaNet / Attention in layers.py
+  layers.{i}.mlp.*                       see MLP / SparseMoE in layers.py
+  final_norm                             [hidden] fp32
+  lm_head                                [vocab, hidden] (absent when tied to embed)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import LINEAR_ATTENTION, ModelConfig
+from engine.models.layers import MLP, Attention, GatedDeltaNet, SparseMoE, _param, rms_norm
+from engine.models.state import SequenceState
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.is_linear = config.layer_types[index] == LINEAR_ATTENTION
+        self.eps = config.rms_norm_eps
+        self.mixer_norm = _param(config.hidden_size, fp32=True)
+        self.mlp_norm = _param(config.hidden_size, fp32=True)
+        if self.is_linear:
+            self.mixer = GatedDeltaNet(config.gdn, config.hidden_size)
+        else:
+            self.mixer = Attention(config.attention, config.hidden_size, config.rms_norm_eps)
+        if config.moe is not None and config.moe_layers[index]:
+            self.mlp = SparseMoE(config.moe, config.hidden_size)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, state, start: int) -> torch.Tensor:
+        h = rms_norm(x, self.mixer_norm, self.eps)
+        h = self.mixer(h, state) if self.is_linear else self.mixer(h, state, start)
+        x = x + h
+        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = _param(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.final_norm = _param(config.hidden_size, fp32=True)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(config.vocab_size, config.hidden_size)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed if self.config.tie_word_embeddings else self.lm_head
+
+    def new_state(self) -> SequenceState:
+        return SequenceState.fresh(self.config, self.embed.device, self.embed.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, state: SequenceState) -> torch.Tensor:
+        """Consume input_ids [T] after the state's tokens; returns final hidden states [T, hidden]."""
+        x = self.embed[input_ids]
+        for block, layer_state in zip(self.layers, state.layers):
+            x = block(x, layer_state, state.num_tokens)
+        state.num_tokens += input_ids.shape[0]
+        return rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, vocab] fp32."""
+        return (hidden @ self.head_weight.t()).float()

@@ -1,0 +1,210 @@
+"""The building blocks of every supported model: norms, the Gated DeltaNet mixer, softmax
+attention with (partial) RoPE, the SwiGLU MLP and the sparse MoE.
+
+All inputs are one sequence's new tokens, packed as [T, hidden]. Parameters carry canonical names
+(see engine/models/hybrid.py); family modules map checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import AttentionSpec, GDNSpec, MoESpec
+from engine.models.state import AttentionLayerState, GDNLayerState
+from kernels import reference
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x_hat * w in fp32, back to x's dtype (zero-centred weights arrive with the +1 folded in)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * w * silu(gate), per head (the last dim), in fp32."""
+    out = rms_norm(x.float(), weight, eps)
+    if gate is not None:
+        out = out * F.silu(gate.float())
+    return out.to(x.dtype)
+
+
+def _param(*shape: int, fp32: bool = False) -> nn.Parameter:
+    """A weight the loader fills. `fp32` ones (norms, gate constants) stay fp32 whatever the model
+    dtype: they are tiny, and rounding them to bf16 would move every activation they touch."""
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.fp32 = fp32
+    return param
+
+
+class GatedDeltaNet(nn.Module):
+    """Projections -> short causal conv (SiLU) over [q|k|v] -> gated delta rule -> gated norm -> out."""
+
+    def __init__(self, spec: GDNSpec, hidden_size: int):
+        super().__init__()
+        self.spec = spec
+        s = spec
+        self.z_dim = s.value_dim if s.use_gate else 0
+        # One matmul for everything the token mixer reads: rows [q | k | v | z | b | a].
+        self.in_proj = _param(s.conv_dim + self.z_dim + 2 * s.num_v_heads, hidden_size)
+        self.conv_weight = _param(s.conv_dim, s.conv_kernel)  # depthwise, [channels, width]
+        self.A_log = _param(s.num_v_heads, fp32=True)
+        self.dt_bias = _param(s.num_v_heads, fp32=True)
+        self.norm_weight = _param(s.head_v_dim, fp32=True)
+        self.out_proj = _param(hidden_size, s.value_dim)
+
+    def forward(self, x: torch.Tensor, state: GDNLayerState) -> torch.Tensor:
+        s = self.spec
+        T = x.shape[0]
+        proj = x @ self.in_proj.t()
+        qkv, z, b, a = proj.split([s.conv_dim, self.z_dim, s.num_v_heads, s.num_v_heads], dim=-1)
+
+        qkv, new_conv = reference.causal_conv1d(qkv, self.conv_weight, initial_state=state.conv)
+        state.conv = new_conv
+        q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
+        q = q.reshape(T, s.num_k_heads, s.head_k_dim)
+        k = k.reshape(T, s.num_k_heads, s.head_k_dim)
+        v = v.reshape(T, s.num_v_heads, s.head_v_dim)
+
+        g, beta = reference.gdn_gates(a, b, self.A_log, self.dt_bias)
+        if s.allow_neg_eigval:
+            beta = beta * 2.0
+        # A single token needs no chunking: the plain recurrence is the cheaper exact form.
+        rule = reference.recurrent_gated_delta_rule if T == 1 else reference.chunk_gated_delta_rule
+        o, state.recurrent = rule(q, k, v, g, beta, initial_state=state.recurrent)
+
+        gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
+        o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps)
+        return o.reshape(T, s.value_dim) @ self.out_proj.t()
+
+
+def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [T, rotary_dim] in fp32 for the rotate-half convention."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32,
+                                             device=positions.device) / rotary_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; rotates the first cos.shape[-1] channels, passes the rest."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    """Softmax attention with GQA, optional q/k norm, partial RoPE, output gate and window."""
+
+    def __init__(self, spec: AttentionSpec, hidden_size: int, norm_eps: float):
+        super().__init__()
+        self.spec = spec
+        self.norm_eps = norm_eps
+        s = spec
+        q_rows = s.num_heads * s.head_dim * (2 if s.output_gate else 1)
+        kv_rows = s.num_kv_heads * s.head_dim
+        self.q_proj = _param(q_rows, hidden_size)
+        self.k_proj = _param(kv_rows, hidden_size)
+        self.v_proj = _param(kv_rows, hidden_size)
+        self.o_proj = _param(hidden_size, s.num_heads * s.head_dim)
+        if s.qkv_bias:
+            self.q_bias, self.k_bias, self.v_bias = _param(q_rows), _param(kv_rows), _param(kv_rows)
+        if s.qk_norm:
+            self.q_norm = _param(s.head_dim, fp32=True)
+            self.k_norm = _param(s.head_dim, fp32=True)
+
+    def forward(self, x: torch.Tensor, state: AttentionLayerState, start: int) -> torch.Tensor:
+        s = self.spec
+        T = x.shape[0]
+        q = F.linear(x, self.q_proj, self.q_bias if s.qkv_bias else None)
+        k = F.linear(x, self.k_proj, self.k_bias if s.qkv_bias else None)
+        v = F.linear(x, self.v_proj, self.v_bias if s.qkv_bias else None)
+        gate = None
+        if s.output_gate:  # per head [query | gate]
+            q, gate = q.view(T, s.num_heads, 2 * s.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(T, s.num_heads * s.head_dim)
+        q = q.reshape(T, s.num_heads, s.head_dim)
+        k = k.reshape(T, s.num_kv_heads, s.head_dim)
+        v = v.reshape(T, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
+        positions = torch.arange(start, start + T, device=x.device)
+        cos, sin = rope_tables(positions, s.rotary_dim, s.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        keys = torch.cat([state.keys, k]) if state.keys.numel() else k
+        values = torch.cat([state.values, v]) if state.values.numel() else v
+        out = self._attend(q, keys, values, positions)
+        if s.window is not None:  # the next query sees only the last window - 1 of these
+            keep_from = max(keys.shape[0] - (s.window - 1), 0)
+            keys, values = keys[keep_from:], values[keep_from:]
+        state.keys, state.values = keys, values
+
+        out = out.reshape(T, s.num_heads * s.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return out @ self.o_proj.t()
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """q: [T, heads, d] at `positions`; keys/values: [P, kv_heads, d] ending at positions[-1]."""
+        s = self.spec
+        P = keys.shape[0]
+        key_pos = torch.arange(positions[-1].item() - P + 1, positions[-1].item() + 1, device=q.device)
+        visible = key_pos[None, :] <= positions[:, None]  # [T, P]
+        if s.window is not None:
+            visible &= positions[:, None] - key_pos[None, :] < s.window
+        rep = s.num_heads // s.num_kv_heads
+        k = keys.repeat_interleave(rep, dim=1).transpose(0, 1)  # [heads, P, d]
+        v = values.repeat_interleave(rep, dim=1).transpose(0, 1)
+        scores = (q.transpose(0, 1) @ k.transpose(1, 2)) * s.head_dim ** -0.5  # [heads, T, P]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return (probs @ v).transpose(0, 1)  # [T, heads, d]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up = _param(2 * intermediate_size, hidden_size)
+        self.down = _param(hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.gate_up.t()).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down.t()
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts (softmax router) plus a shared expert scaled by sigmoid(gate(x))."""
+
+    def __init__(self, spec: MoESpec, hidden_size: int):
+        super().__init__()
+        self.spec = spec
+        self.router = _param(spec.num_experts, hidden_size)
+        self.experts_gate_up = _param(spec.num_experts, 2 * spec.expert_intermediate_size, hidden_size)
+        self.experts_down = _param(spec.num_experts, hidden_size, spec.expert_intermediate_size)
+        self.shared = MLP(hidden_size, spec.shared_intermediate_size)
+        self.shared_gate = _param(1, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax((x @ self.router.t()).float(), dim=-1)
+        weights, experts = probs.topk(self.spec.top_k, dim=-1)  # [T, top_k]
+        if self.spec.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in experts.unique().tolist():
+            token_idx, slot = (experts == e).nonzero(as_tuple=True)
+            gate, up = (x[token_idx] @ self.experts_gate_up[e].t()).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.experts_down[e].t()
+            out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+        shared = self.shared(x) * torch.sigmoid(x @ self.shared_gate.t())
+        return out + shared
