@@ -1,0 +1,197 @@
+"""Fused single-token Gated DeltaNet decode: one launch per layer for a batch of running requests.
+
+For each request i and value head h (key head h // (HV // H)), with S = state_pool[slot_ids[i], h]:
+    g = -exp(A_log) * softplus(a + dt_bias);  beta = sigmoid(b)
+    q, k <- l2norm(q), l2norm(k);  q <- scale * q
+    S <- exp(g) S;  delta = beta (v - S^T k);  S <- S + k delta^T;  o = S^T q
+The state is read and written in place through the slot index: a decode step copies no state.
+Entries with slot_ids[i] < 0 are padding (a CUDA graph captured for a larger batch): they touch
+no state and their output row is zero.
+
+State layout: [K, V] per head (state_pool is [S, HV, K, V] fp32), the layout of the chunkwise
+prefill (whose inter-chunk update K^T v_new is naturally [K, V]) and of the reference, so one pool
+serves both kernels with no transpose. Each program owns a [K, BV] column block of one head: the
+K-reductions (S^T k, S^T q) stay inside the program, and every row of the tile is BV contiguous
+floats (128 bytes at BV=32, a whole cache line), so the load is as wide as the [V, K] layout's
+would be. Decode is bound by reading and writing the state once: 2 * HV * K * V * 4 bytes per
+request per layer.
+
+Index arithmetic on the pool is 64-bit (the slot index is cast before it is multiplied): a pool
+of more than 2^31 elements is normal on an 80 GB card.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _fused_recurrent_decode_kernel(
+    q,  # [N, H, K]
+    k,  # [N, H, K]
+    v,  # [N, HV, V]
+    a,  # [N, HV]
+    b,  # [N, HV]
+    A_log,  # [HV]
+    dt_bias,  # [HV]
+    state_pool,  # [S, HV, K, V] fp32, contiguous
+    slot_ids,  # [N]
+    o,  # [N, HV, V], contiguous
+    stride_q_n,
+    stride_q_h,
+    stride_k_n,
+    stride_k_h,
+    stride_v_n,
+    stride_v_h,
+    stride_a_n,
+    stride_b_n,
+    scale,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    # One flat grid (the y/z grid dimensions stop at 65535): consecutive programs walk the V
+    # blocks of one head, so together they sweep its [K, V] state front to back.
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % NV
+    i_nh = pid // NV
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    i_h = i_hv // (HV // H)
+
+    slot = tl.load(slot_ids + i_n).to(tl.int64)
+    valid = slot >= 0
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mask_k = o_k < K
+    mask_v = o_v < V
+
+    b_q = tl.load(q + i_n * stride_q_n + i_h * stride_q_h + o_k, mask=mask_k, other=0).to(tl.float32)
+    b_k = tl.load(k + i_n * stride_k_n + i_h * stride_k_h + o_k, mask=mask_k, other=0).to(tl.float32)
+    b_v = tl.load(v + i_n * stride_v_n + i_hv * stride_v_h + o_v, mask=mask_v, other=0).to(tl.float32)
+    b_a = tl.load(a + i_n * stride_a_n + i_hv).to(tl.float32)
+    b_b = tl.load(b + i_n * stride_b_n + i_hv).to(tl.float32)
+    b_A_log = tl.load(A_log + i_hv).to(tl.float32)
+    b_dt_bias = tl.load(dt_bias + i_hv).to(tl.float32)
+
+    # softplus with torch's threshold; the select keeps exp's overflow out of the result.
+    x = b_a + b_dt_bias
+    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    decay = tl.exp(-tl.exp(b_A_log) * softplus)
+    beta = 1.0 / (1.0 + tl.exp(-b_b))
+
+    if USE_QK_L2NORM:
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+    b_q = b_q * scale
+
+    # Padding loads and stores nothing (the validity enters as a vector: a scalar operand in a
+    # mask trips the interpreter) and addresses slot 0 rather than off the pool.
+    mask_s = ((o_k * 0 + slot) >= 0)[:, None] & mask_k[:, None] & mask_v[None, :]
+    slot = tl.maximum(slot, 0)
+    p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
+    b_s = tl.load(p_s, mask=mask_s, other=0)  # [BK, BV] fp32
+
+    # Both K-reductions read the state as loaded; the decay and the rank-one update are folded
+    # in afterwards: (d S + k delta^T)^T q = d S^T q + (k . q) delta.
+    s_k = tl.sum(b_s * b_k[:, None], 0)  # [BV]
+    s_q = tl.sum(b_s * b_q[:, None], 0)  # [BV]
+    delta = beta * (b_v - decay * s_k)
+    b_o = decay * s_q + tl.sum(b_k * b_q) * delta
+    b_s = b_s * decay + b_k[:, None] * delta[None, :]
+    tl.store(p_s, b_s, mask=mask_s)
+
+    b_o = tl.where(valid, b_o, 0.0)
+    tl.store(o + i_nh * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def decode_launch_config(N: int, HV: int, K: int, V: int, device: torch.device) -> tuple[int, int]:
+    """(BV, num_warps) for a batch: 32-wide V blocks (128-byte rows), narrowed while the grid
+    would leave multiprocessors idle; more warps for K = 256 so the tile stays in registers."""
+    BK = triton.next_power_of_2(K)
+    BV = min(32, triton.next_power_of_2(V))
+    while BV > 8 and N * HV * triton.cdiv(V, BV) < 2 * _num_sms(device):
+        BV //= 2
+    num_warps = 8 if BK * BV >= 8192 else 4 if BK * BV >= 2048 else 2
+    return BV, num_warps
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def fused_recurrent_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    state_pool: Tensor,
+    slot_ids: Tensor,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    BV: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
+    """One decode token for each of N requests, updating their states in place.
+
+    q, k: [N, H, K] and v: [N, HV, V], post-conv activations (any float dtype; the token and head
+    strides are free, the last dim must be contiguous, e.g. views into one projection output);
+    a, b: [N, HV] raw gate inputs; A_log, dt_bias: [HV]; state_pool: [S, HV, K, V] fp32,
+    contiguous, updated in place at rows slot_ids; slot_ids: [N] int32/int64, < 0 for padding.
+    scale defaults to K ** -0.5. BV and num_warps override the launch heuristic (benchmarks).
+    Returns o: [N, HV, V] in v.dtype (zero rows for padding).
+    """
+    N, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    assert k.shape == (N, H, K) and v.shape[0] == N, "q, k, v shapes disagree"
+    assert HV % H == 0, f"HV={HV} must be a multiple of H={H}"
+    assert a.shape == (N, HV) and b.shape == (N, HV), "a, b must be [N, HV]"
+    assert A_log.shape == (HV,) and dt_bias.shape == (HV,), "A_log, dt_bias must be [HV]"
+    assert state_pool.dtype == torch.float32 and state_pool.is_contiguous(), "pool: contiguous fp32"
+    assert state_pool.shape[1:] == (HV, K, V), f"pool is {tuple(state_pool.shape)}, want [S, {HV}, {K}, {V}]"
+    assert slot_ids.shape == (N,) and slot_ids.dtype in (torch.int32, torch.int64), "slot_ids: [N] int"
+    assert K <= 256 and V <= 1024, "K up to 256 and V up to 1024"
+
+    q, k, v, a, b = (_last_dim_contiguous(x) for x in (q, k, v, a, b))
+    if scale is None:
+        scale = K ** -0.5
+    o = torch.empty(N, HV, V, dtype=v.dtype, device=v.device)
+    if N == 0:
+        return o
+    default_BV, default_warps = decode_launch_config(N, HV, K, V, v.device)
+    BV = BV or default_BV
+    num_warps = num_warps or default_warps
+    grid = (N * HV * triton.cdiv(V, BV),)
+    _fused_recurrent_decode_kernel[grid](
+        q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, o,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        a.stride(0), b.stride(0),
+        scale,
+        H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
+        USE_QK_L2NORM=use_qk_l2norm,
+        num_warps=num_warps,
+    )
+    return o
