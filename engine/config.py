@@ -29,6 +29,7 @@ class GDNSpec:
     conv_kernel: int = 4
     use_gate: bool = True  # output norm gated by silu(z) (always true for Qwen; fla's `use_gate`)
     allow_neg_eigval: bool = False  # fla option: beta in (0, 2) instead of (0, 1)
+    gate_activation: str = "silu"  # of z in the output norm: "silu" or "sigmoid" (fla option)
     norm_eps: float = 1e-6
 
     @property
@@ -86,7 +87,7 @@ class ModelConfig:
     # +1 into the stored weight, so the model itself always multiplies by w.
     zero_centered_norms: bool = False
     tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
+    max_position_embeddings: int | None = 32768  # None: no trained limit (pure Gated DeltaNet)
     dtype: str = "bfloat16"  # the checkpoint's own dtype
 
     @property

@@ -7,9 +7,9 @@ name | None, and load_weights(config, reader) -> canonical tensors for engine/mo
 from types import ModuleType
 
 from engine.errors import ModelLoadError
-from engine.models import qwen3_5, qwen3_next
+from engine.models import gated_deltanet, qwen3_5, qwen3_next
 
-_FAMILIES: tuple[ModuleType, ...] = (qwen3_5, qwen3_next)
+_FAMILIES: tuple[ModuleType, ...] = (gated_deltanet, qwen3_5, qwen3_next)
 FAMILIES: dict[str, ModuleType] = {t: fam for fam in _FAMILIES for t in fam.MODEL_TYPES}
 
 

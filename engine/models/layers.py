@@ -23,11 +23,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * weight.float()).to(x.dtype)
 
 
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rmsnorm(x) * w * silu(gate), per head (the last dim), in fp32."""
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                   activation: str = "silu") -> torch.Tensor:
+    """rmsnorm(x) * w * act(gate), per head (the last dim), in fp32; act is silu or sigmoid."""
     out = rms_norm(x.float(), weight, eps)
     if gate is not None:
-        out = out * F.silu(gate.float())
+        gate = gate.float()
+        out = out * (torch.sigmoid(gate) if activation == "sigmoid" else F.silu(gate))
     return out.to(x.dtype)
 
 
@@ -76,7 +78,7 @@ class GatedDeltaNet(nn.Module):
         o, state.recurrent = rule(q, k, v, g, beta, initial_state=state.recurrent)
 
         gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
-        o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps)
+        o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation)
         return o.reshape(T, s.value_dim) @ self.out_proj.t()
 
 
