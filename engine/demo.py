@@ -44,7 +44,7 @@ def random_gated_deltanet_weights(raw_config: dict[str, Any], seed: int) -> dict
     def norm(size: int) -> torch.Tensor:
         return 1.0 + rand(size, scale=0.2)
 
-    out = {"model.embeddings.weight": rand(config.vocab_size, hidden, scale=0.5), "model.norm.weight": norm(hidden)}
+    out = {"model.embeddings.weight": rand(config.vocab_size, hidden, scale=0.1), "model.norm.weight": norm(hidden)}
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = rand(config.vocab_size, hidden)
     for i, kind in enumerate(config.layer_types):

@@ -1,0 +1,66 @@
+"""The `deltaserve` command as a user runs it."""
+
+import subprocess
+import sys
+
+import pytest
+
+from engine.demo import DEMO_CONFIG, demo_model_dir, write_gated_deltanet
+from engine.generate import generate
+from engine.loader import load_model
+from engine.sampling import SamplingParams
+from server.cli import main
+
+
+def _run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "models"])
+def test_every_subcommand_explains_itself(command):
+    out = _run(command, "--help")
+    assert out.returncode == 0
+    assert "usage: deltaserve" in out.stdout
+
+
+def test_generate_help_explains_each_option():
+    text = _run("generate", "--help").stdout
+    for option in ("--model", "--prompt", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
+                   "--device", "--dtype", "--chat", "--ignore-eos"):
+        assert option in text
+
+
+def test_models_lists_supported_architectures(capsys):
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"gated_deltanet", "qwen3_5_text", "qwen3_next"} <= set(listed)
+
+
+def test_generate_streams_what_the_engine_produces(tmp_path, capsys):
+    folder = write_gated_deltanet(tmp_path / "m", DEMO_CONFIG, seed=0)
+    assert main(["generate", "--model", str(folder), "--prompt", "Hello", "--max-tokens", "12",
+                 "--ignore-eos", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    loaded = load_model(folder, device="cpu")
+    expected = "".join(s.text for s in generate(loaded, "Hello", SamplingParams(max_tokens=12, ignore_eos=True)))
+    assert captured.out == expected + "\n"
+    assert "12 tokens, finish: length" in captured.err
+
+
+def test_generate_without_model_uses_the_demo_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["generate", "--prompt", "abc", "--max-tokens", "3", "--ignore-eos", "--device", "cpu"]) == 0
+    assert (demo_model_dir(tmp_path / ".cache" / "deltaserve") / "model.safetensors").is_file()
+
+
+def test_bad_model_folder_is_one_error_line_and_status_2(tmp_path):
+    out = _run("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--device", "cpu")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert out.stderr.startswith("deltaserve: error:") and "does not exist" in out.stderr
+
+
+def test_bad_sampling_option_is_a_clear_error(capsys):
+    assert main(["generate", "--prompt", "hi", "--top-p", "0", "--device", "cpu"]) == 2
+    assert "top_p" in capsys.readouterr().err
