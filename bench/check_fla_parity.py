@@ -65,7 +65,7 @@ def main() -> None:
                 with torch.no_grad():
                     expected = ref(ids[None]).logits[0].float()
                     generated = ref.generate(ids[None], max_new_tokens=32, min_new_tokens=32, do_sample=False)
-                got = ours.model.logits(ours.model(ids, ours.model.new_state()))
+                got = ours.model.logits(ours.model.run(ids, ours.model.new_state()))
                 rel = ((got - expected).norm() / expected.norm()).item()
                 mine = [s.token_id for s in generate(ours, ids.tolist(),
                                                      SamplingParams(max_tokens=32, ignore_eos=True))]

@@ -47,7 +47,7 @@ def generate(loaded: LoadedModel, prompt: str | list[int], params: SamplingParam
         generator = torch.Generator(device=device).manual_seed(params.seed)
     detok = IncrementalDetokenizer(tokenizer)
     state = model.new_state()
-    hidden = model(torch.tensor(ids, device=device), state)[-1:]
+    hidden = model.run(torch.tensor(ids, device=device), state)[-1:]
     for produced in range(1, params.max_tokens + 1):
         token = sample(model.logits(hidden)[0], params, generator)
         finish = None
@@ -61,4 +61,4 @@ def generate(loaded: LoadedModel, prompt: str | list[int], params: SamplingParam
             yield GenerationStep(token, text, finish)
             return
         yield GenerationStep(token, text, None)
-        hidden = model(torch.tensor([token], device=device), state)
+        hidden = model.run(torch.tensor([token], device=device), state)

@@ -116,7 +116,7 @@ def test_logits_match_naive_reading_of_the_checkpoint(variant, length):
     raw, folder, loaded = variant
     ids = torch.randint(0, raw["vocab_size"], (length,), generator=torch.Generator().manual_seed(length))
     expected = naive_logits(folder, raw, ids)
-    got = loaded.model.logits(loaded.model(ids, loaded.model.new_state()))
+    got = loaded.model.logits(loaded.model.run(ids, loaded.model.new_state()))
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
@@ -126,8 +126,8 @@ def test_decode_steps_continue_the_prompt_exactly(variant):
     ids = torch.randint(0, raw["vocab_size"], (40,), generator=torch.Generator().manual_seed(7))
     expected = naive_logits(folder, raw, ids)
     state = loaded.model.new_state()
-    hidden = [loaded.model(ids[:25], state)]
-    hidden += [loaded.model(ids[t:t + 1], state) for t in range(25, 40)]
+    hidden = [loaded.model.run(ids[:25], state)]
+    hidden += [loaded.model.run(ids[t:t + 1], state) for t in range(25, 40)]
     torch.testing.assert_close(loaded.model.logits(torch.cat(hidden)), expected, atol=2e-4, rtol=1e-4)
 
 

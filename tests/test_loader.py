@@ -23,7 +23,7 @@ def folder(tmp_path):
 
 def _logits(loaded, ids=(3, 1, 4, 1, 5, 9, 2, 6)):
     ids = torch.tensor(ids)
-    return loaded.model.logits(loaded.model(ids, loaded.model.new_state()))
+    return loaded.model.logits(loaded.model.run(ids, loaded.model.new_state()))
 
 
 def _load_error(path) -> str:

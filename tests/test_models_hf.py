@@ -31,7 +31,7 @@ def test_prompt_logits_match_transformers(pair, length):
     ids = _prompt(length)
     with torch.no_grad():
         expected = hf_model(ids[None]).logits[0].float()
-    got = ours.model.logits(ours.model(ids, ours.model.new_state()))
+    got = ours.model.logits(ours.model.run(ids, ours.model.new_state()))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -52,9 +52,9 @@ def test_prefill_in_pieces_equals_prefill_at_once(pair):
     # The state at any split point is exact: what chunked prefill in the engine relies on.
     _, ours = pair
     ids = _prompt(150)
-    whole = ours.model.logits(ours.model(ids, ours.model.new_state()))
+    whole = ours.model.logits(ours.model.run(ids, ours.model.new_state()))
     state = ours.model.new_state()
-    parts = [ours.model(piece, state) for piece in (ids[:37], ids[37:101], ids[101:])]
+    parts = [ours.model.run(piece, state) for piece in (ids[:37], ids[37:101], ids[101:])]
     torch.testing.assert_close(ours.model.logits(torch.cat(parts)), whole, atol=1e-4, rtol=1e-4)
 
 
@@ -64,8 +64,8 @@ def test_bfloat16_load_is_as_close_to_fp32_as_transformers_bf16(pair):
     assert half.model.embed.dtype == torch.bfloat16
     assert half.model.layers[0].mixer.A_log.dtype == torch.float32  # gate constants stay fp32
     ids = _prompt(80)
-    full = ours.model.logits(ours.model(ids, ours.model.new_state()))
-    approx = half.model.logits(half.model(ids, half.model.new_state()))
+    full = ours.model.logits(ours.model.run(ids, ours.model.new_state()))
+    approx = half.model.logits(half.model.run(ids, half.model.new_state()))
     with torch.no_grad():
         hf_half = copy.deepcopy(hf_model).to(torch.bfloat16)(ids[None]).logits[0].float()
     ours_err = (approx - full).norm() / full.norm()

@@ -17,7 +17,8 @@ from torch import nn
 
 from engine.config import LINEAR_ATTENTION, ModelConfig
 from engine.models.layers import MLP, Attention, GatedDeltaNet, SparseMoE, _param, rms_norm
-from engine.models.state import SequenceState
+from engine.models.state import Batch, SequenceState
+from engine.slots import SlotPool
 
 
 class Block(nn.Module):
@@ -36,10 +37,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, state, start: int) -> torch.Tensor:
-        h = rms_norm(x, self.mixer_norm, self.eps)
-        h = self.mixer(h, state) if self.is_linear else self.mixer(h, state, start)
-        x = x + h
+    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, index: int) -> torch.Tensor:
+        x = x + self.mixer(rms_norm(x, self.mixer_norm, self.eps), batch, pool, index)
         return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
 
 
@@ -57,17 +56,31 @@ class HybridLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed if self.config.tie_word_embeddings else self.lm_head
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def new_pool(self, num_slots: int) -> SlotPool:
+        return SlotPool(self.config, num_slots, self.device, self.embed.dtype)
+
     def new_state(self) -> SequenceState:
-        return SequenceState.fresh(self.config, self.embed.device, self.embed.dtype)
+        return SequenceState(self.new_pool(1))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, state: SequenceState) -> torch.Tensor:
-        """Consume input_ids [T] after the state's tokens; returns final hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor, batch: Batch, pool: SlotPool) -> torch.Tensor:
+        """Consume the packed new tokens input_ids [T] of the batch's sequences, reading and
+        updating their slots; returns final hidden states [T, hidden]."""
         x = self.embed[input_ids]
-        for block, layer_state in zip(self.layers, state.layers):
-            x = block(x, layer_state, state.num_tokens)
-        state.num_tokens += input_ids.shape[0]
+        for index, block in enumerate(self.layers):
+            x = block(x, batch, pool, index)
         return rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+
+    def run(self, input_ids: torch.Tensor, state: SequenceState) -> torch.Tensor:
+        """One sequence: consume input_ids [T] after the tokens already in `state`."""
+        batch = Batch.build([input_ids.shape[0]], [state.slot], [state.num_tokens], self.device)
+        hidden = self(input_ids, batch, state.pool)
+        state.num_tokens += input_ids.shape[0]
+        return hidden
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The building blocks of every supported model: norms, the Gated DeltaNet mixer, softmax
 attention with (partial) RoPE, the SwiGLU MLP and the sparse MoE.
 
-All inputs are one sequence's new tokens, packed as [T, hidden]. Parameters carry canonical names
-(see engine/models/hybrid.py); family modules map checkpoint names onto them.
+Inputs are the new tokens of a batch of sequences packed as [T, hidden] (see models/state.Batch);
+each layer reads and writes its sequences' state in the SlotPool by slot index. Parameters carry
+canonical names (see engine/models/hybrid.py); family modules map checkpoint names onto them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import AttentionSpec, GDNSpec, MoESpec
-from engine.models.state import AttentionLayerState, GDNLayerState
+from engine.models.state import Batch
+from engine.slots import SlotPool
 from kernels import reference
 
 
@@ -57,14 +59,17 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = _param(s.head_v_dim, fp32=True)
         self.out_proj = _param(hidden_size, s.value_dim)
 
-    def forward(self, x: torch.Tensor, state: GDNLayerState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int) -> torch.Tensor:
         s = self.spec
         T = x.shape[0]
         proj = x @ self.in_proj.t()
         qkv, z, b, a = proj.split([s.conv_dim, self.z_dim, s.num_v_heads, s.num_v_heads], dim=-1)
 
-        qkv, new_conv = reference.causal_conv1d(qkv, self.conv_weight, initial_state=state.conv)
-        state.conv = new_conv
+        slots = batch.slot_ids
+        conv_pool, state_pool = pool.conv[layer], pool.recurrent[layer]
+        qkv, conv_state = reference.causal_conv1d(qkv, self.conv_weight, cu_seqlens=batch.cu_seqlens,
+                                                  initial_state=conv_pool[slots])
+        conv_pool[slots] = conv_state
         q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
         q = q.reshape(T, s.num_k_heads, s.head_k_dim)
         k = k.reshape(T, s.num_k_heads, s.head_k_dim)
@@ -73,9 +78,11 @@ class GatedDeltaNet(nn.Module):
         g, beta = reference.gdn_gates(a, b, self.A_log, self.dt_bias)
         if s.allow_neg_eigval:
             beta = beta * 2.0
-        # A single token needs no chunking: the plain recurrence is the cheaper exact form.
-        rule = reference.recurrent_gated_delta_rule if T == 1 else reference.chunk_gated_delta_rule
-        o, state.recurrent = rule(q, k, v, g, beta, initial_state=state.recurrent)
+        # One token per sequence needs no chunking: the plain recurrence is the cheaper exact form.
+        decode_only = T == len(batch.starts)
+        rule = reference.recurrent_gated_delta_rule if decode_only else reference.chunk_gated_delta_rule
+        o, final = rule(q, k, v, g, beta, initial_state=state_pool[slots], cu_seqlens=batch.cu_seqlens)
+        state_pool[slots] = final
 
         gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
         o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation)
@@ -121,7 +128,7 @@ class Attention(nn.Module):
             self.q_norm = _param(s.head_dim, fp32=True)
             self.k_norm = _param(s.head_dim, fp32=True)
 
-    def forward(self, x: torch.Tensor, state: AttentionLayerState, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int) -> torch.Tensor:
         s = self.spec
         T = x.shape[0]
         q = F.linear(x, self.q_proj, self.q_bias if s.qkv_bias else None)
@@ -136,22 +143,31 @@ class Attention(nn.Module):
         v = v.reshape(T, s.num_kv_heads, s.head_dim)
         if s.qk_norm:
             q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
-        positions = torch.arange(start, start + T, device=x.device)
+        positions = torch.cat([torch.arange(start, start + (end - begin), device=x.device)
+                               for start, (begin, end) in zip(batch.starts, batch.bounds)])
         cos, sin = rope_tables(positions, s.rotary_dim, s.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        keys = torch.cat([state.keys, k]) if state.keys.numel() else k
-        values = torch.cat([state.values, v]) if state.values.numel() else v
-        out = self._attend(q, keys, values, positions)
-        if s.window is not None:  # the next query sees only the last window - 1 of these
-            keep_from = max(keys.shape[0] - (s.window - 1), 0)
-            keys, values = keys[keep_from:], values[keep_from:]
-        state.keys, state.values = keys, values
-
+        out = torch.empty_like(q)
+        for (begin, end), slot in zip(batch.bounds, batch.slot_ids.tolist()):
+            out[begin:end] = self._attend_one(q[begin:end], k[begin:end], v[begin:end],
+                                              positions[begin:end], pool, layer, slot)
         out = out.reshape(T, s.num_heads * s.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return out @ self.o_proj.t()
+
+    def _attend_one(self, q, k, v, positions, pool: SlotPool, layer: int, slot: int) -> torch.Tensor:
+        """One sequence: append its new keys/values to its slot, attend, trim to the window."""
+        s = self.spec
+        keys = torch.cat([pool.keys[layer][slot], k])
+        values = torch.cat([pool.values[layer][slot], v])
+        out = self._attend(q, keys, values, positions)
+        if s.window is not None:  # the next query sees only the last window - 1 of these
+            keep_from = max(keys.shape[0] - (s.window - 1), 0)
+            keys, values = keys[keep_from:], values[keep_from:]
+        pool.keys[layer][slot], pool.values[layer][slot] = keys, values
+        return out
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:

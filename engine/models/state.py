@@ -1,50 +1,43 @@
-"""What one sequence remembers between forward calls, layer by layer.
+"""What a forward call is told about the sequences it advances, and the one-sequence convenience.
 
-A Gated DeltaNet layer remembers a fixed-size snapshot (conv taps + recurrent state) however long
-the sequence grows; an attention layer keeps its keys and values (all of them for full attention,
-the last `window` for sliding-window attention). The batched engine will keep the same tensors in a
-slot pool; this per-sequence form is what the single-request generate path carries.
+A forward call consumes the new tokens of N sequences packed as one [T] stream; `Batch` says where
+each sequence's tokens are, which slot of the SlotPool holds its state, and at what position its
+new tokens start. `SequenceState` is one sequence with a private one-slot pool: the form the
+single-request generate path and the model tests use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from engine.config import LINEAR_ATTENTION, ModelConfig
+from engine.slots import SlotPool
 
 
-@dataclass
-class GDNLayerState:
-    conv: torch.Tensor  # [1, conv_dim, conv_kernel - 1], model dtype: the last pre-conv inputs
-    recurrent: torch.Tensor  # [1, HV, K, V] fp32: S in [K, V] layout per value head
-
-
-@dataclass
-class AttentionLayerState:
-    keys: torch.Tensor  # [P, num_kv_heads, head_dim], after norm and RoPE
-    values: torch.Tensor  # [P, num_kv_heads, head_dim]
-
-
-@dataclass
-class SequenceState:
-    layers: list[GDNLayerState | AttentionLayerState]
-    num_tokens: int = 0  # tokens already consumed: the position of the next token
-    extra: dict = field(default_factory=dict)
+@dataclass(frozen=True)
+class Batch:
+    cu_seqlens: torch.Tensor  # int64 [N + 1] on the model's device: sequence i is tokens cu[i]:cu[i+1]
+    slot_ids: torch.Tensor  # int64 [N] on the model's device
+    starts: tuple[int, ...]  # position of each sequence's first new token (tokens already consumed)
 
     @classmethod
-    def fresh(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> "SequenceState":
-        layers: list[GDNLayerState | AttentionLayerState] = []
-        gdn = config.gdn
-        for kind in config.layer_types:
-            if kind == LINEAR_ATTENTION:
-                conv = torch.zeros(1, gdn.conv_dim, gdn.conv_kernel - 1, device=device, dtype=dtype)
-                rec = torch.zeros(1, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, device=device,
-                                  dtype=torch.float32)
-                layers.append(GDNLayerState(conv, rec))
-            else:
-                attn = config.attention
-                empty = torch.zeros(0, attn.num_kv_heads, attn.head_dim, device=device, dtype=dtype)
-                layers.append(AttentionLayerState(empty, empty.clone()))
-        return cls(layers)
+    def build(cls, seq_lens: list[int], slots: list[int], starts: list[int], device: torch.device) -> "Batch":
+        assert len(seq_lens) == len(slots) == len(starts) and min(seq_lens) >= 1
+        cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int64)
+        cu[1:] = torch.tensor(seq_lens).cumsum(0)
+        return cls(cu.to(device), torch.tensor(slots, dtype=torch.int64, device=device), tuple(starts))
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        cu = self.cu_seqlens.tolist()
+        return list(zip(cu[:-1], cu[1:]))
+
+
+class SequenceState:
+    """One sequence's state: a one-slot pool and the number of tokens consumed so far."""
+
+    def __init__(self, pool: SlotPool):
+        self.pool = pool
+        self.slot = pool.allocate()
+        self.num_tokens = 0
