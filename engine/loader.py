@@ -16,6 +16,7 @@ from engine.checkpoint import CheckpointReader
 from engine.config import ModelConfig, read_config_json
 from engine.errors import ModelLoadError
 from engine.models import family_for
+from engine.models.gdn_backend import BACKENDS
 from engine.models.hybrid import HybridLM
 from engine.tokenizer import Tokenizer
 
@@ -51,7 +52,17 @@ def resolve_dtype(name: str, config: ModelConfig, device: torch.device) -> torch
     return DTYPES[name]
 
 
-def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto': the Triton kernels on a GPU, the PyTorch reference on CPU."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in BACKENDS:
+        raise ModelLoadError(f"kernel backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+               backend: str = "auto") -> LoadedModel:
     model_dir = Path(model_dir).expanduser()
     raw = read_config_json(model_dir)
     family = family_for(raw.get("model_type"))
@@ -59,6 +70,7 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
     tokenizer = Tokenizer.from_dir(model_dir)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
+    kernel_backend = resolve_backend(backend, torch_device)
 
     reader = CheckpointReader(model_dir, family.rename)
     weights = family.load_weights(config, reader)
@@ -68,12 +80,12 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto")
                     " ..." if len(names) > 5 else "")
 
     with torch.device("meta"):
-        model = HybridLM(config)
+        model = HybridLM(config, kernel_backend)
     for name, param in model.named_parameters():
         want = torch.float32 if param.fp32 else torch_dtype
         weights[name] = weights[name].to(device=torch_device, dtype=want).contiguous()
     model.load_state_dict(weights, strict=True, assign=True)
     model.eval()
-    log.info("loaded %s (%s, %d layers) on %s as %s", model_dir, config.model_type, config.num_layers,
-             torch_device, torch_dtype)
+    log.info("loaded %s (%s, %d layers) on %s as %s, %s kernels", model_dir, config.model_type,
+             config.num_layers, torch_device, torch_dtype, kernel_backend)
     return LoadedModel(model_dir, config, model, tokenizer)

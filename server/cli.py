@@ -21,6 +21,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="Gated DeltaNet kernels: triton (GPU; CPU only under TRITON_INTERPRET=1) or torch "
+                        "(the PyTorch reference); auto picks triton on cuda, torch on cpu (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +75,7 @@ def run_generate(args: argparse.Namespace) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    loaded = load_model(_model_dir(args.model), device=args.device, dtype=args.dtype)
+    loaded = load_model(_model_dir(args.model), device=args.device, dtype=args.dtype, backend=args.kernels)
     if args.chat:
         prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     start = time.perf_counter()

@@ -27,7 +27,7 @@ def test_every_subcommand_explains_itself(command):
 def test_generate_help_explains_each_option():
     text = _run("generate", "--help").stdout
     for option in ("--model", "--prompt", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
-                   "--device", "--dtype", "--chat", "--ignore-eos"):
+                   "--device", "--dtype", "--kernels", "--chat", "--ignore-eos"):
         assert option in text
 
 

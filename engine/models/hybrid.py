@@ -22,14 +22,14 @@ from engine.slots import SlotPool
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, index: int):
+    def __init__(self, config: ModelConfig, index: int, backend: str):
         super().__init__()
         self.is_linear = config.layer_types[index] == LINEAR_ATTENTION
         self.eps = config.rms_norm_eps
         self.mixer_norm = _param(config.hidden_size, fp32=True)
         self.mlp_norm = _param(config.hidden_size, fp32=True)
         if self.is_linear:
-            self.mixer = GatedDeltaNet(config.gdn, config.hidden_size)
+            self.mixer = GatedDeltaNet(config.gdn, config.hidden_size, backend)
         else:
             self.mixer = Attention(config.attention, config.hidden_size, config.rms_norm_eps)
         if config.moe is not None and config.moe_layers[index]:
@@ -43,11 +43,12 @@ class Block(nn.Module):
 
 
 class HybridLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, backend: str = "torch"):
         super().__init__()
         self.config = config
+        self.backend = backend
         self.embed = _param(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i, backend) for i in range(config.num_layers))
         self.final_norm = _param(config.hidden_size, fp32=True)
         if not config.tie_word_embeddings:
             self.lm_head = _param(config.vocab_size, config.hidden_size)

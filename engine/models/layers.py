@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import AttentionSpec, GDNSpec, MoESpec
+from engine.models import gdn_backend
 from engine.models.state import Batch
 from engine.slots import SlotPool
-from kernels import reference
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,9 +46,10 @@ def _param(*shape: int, fp32: bool = False) -> nn.Parameter:
 class GatedDeltaNet(nn.Module):
     """Projections -> short causal conv (SiLU) over [q|k|v] -> gated delta rule -> gated norm -> out."""
 
-    def __init__(self, spec: GDNSpec, hidden_size: int):
+    def __init__(self, spec: GDNSpec, hidden_size: int, backend: str = "torch"):
         super().__init__()
         self.spec = spec
+        self.backend = backend  # see engine/models/gdn_backend.py
         s = spec
         self.z_dim = s.value_dim if s.use_gate else 0
         # One matmul for everything the token mixer reads: rows [q | k | v | z | b | a].
@@ -65,24 +66,14 @@ class GatedDeltaNet(nn.Module):
         proj = x @ self.in_proj.t()
         qkv, z, b, a = proj.split([s.conv_dim, self.z_dim, s.num_v_heads, s.num_v_heads], dim=-1)
 
-        slots = batch.slot_ids
-        conv_pool, state_pool = pool.conv[layer], pool.recurrent[layer]
-        qkv, conv_state = reference.causal_conv1d(qkv, self.conv_weight, cu_seqlens=batch.cu_seqlens,
-                                                  initial_state=conv_pool[slots])
-        conv_pool[slots] = conv_state
+        decode_only = T == len(batch.starts)
+        qkv = gdn_backend.short_conv(qkv, self.conv_weight, batch, pool.conv[layer], decode_only, self.backend)
         q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
         q = q.reshape(T, s.num_k_heads, s.head_k_dim)
         k = k.reshape(T, s.num_k_heads, s.head_k_dim)
         v = v.reshape(T, s.num_v_heads, s.head_v_dim)
-
-        g, beta = reference.gdn_gates(a, b, self.A_log, self.dt_bias)
-        if s.allow_neg_eigval:
-            beta = beta * 2.0
-        # One token per sequence needs no chunking: the plain recurrence is the cheaper exact form.
-        decode_only = T == len(batch.starts)
-        rule = reference.recurrent_gated_delta_rule if decode_only else reference.chunk_gated_delta_rule
-        o, final = rule(q, k, v, g, beta, initial_state=state_pool[slots], cu_seqlens=batch.cu_seqlens)
-        state_pool[slots] = final
+        o = gdn_backend.delta_rule(q, k, v, a, b, self.A_log, self.dt_bias, s.allow_neg_eigval, batch,
+                                   pool.recurrent[layer], decode_only, self.backend)
 
         gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
         o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation)

@@ -1,0 +1,60 @@
+"""How a Gated DeltaNet layer runs its short conv and delta rule on slot-pool state.
+
+Two backends compute the same thing: "triton" launches the kernels in kernels/ that read and write
+the pool in place by slot index (the GPU path; it also runs on CPU under TRITON_INTERPRET=1, which
+is how CI checks it), and "torch" uses kernels/reference.py, gathering the batch's slots, computing
+and scattering the new states back (the CPU path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.models.state import Batch
+from kernels import reference
+
+BACKENDS = ("torch", "triton")
+
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, batch: Batch, conv_pool: torch.Tensor,
+               decode_only: bool, backend: str) -> torch.Tensor:
+    """SiLU(causal depthwise conv) over x [T, D]; the batch's conv taps in conv_pool advance."""
+    slots = batch.slot_ids
+    if backend == "triton":
+        from kernels import conv
+        if decode_only:
+            return conv.causal_conv1d_step(x, weight, None, conv_pool, slots)
+        return conv.causal_conv1d_prefill(x, weight, None, batch.cu_seqlens, conv_pool, slots,
+                                          _has_past(batch))
+    y, new_taps = reference.causal_conv1d(x, weight, cu_seqlens=batch.cu_seqlens, initial_state=conv_pool[slots])
+    conv_pool[slots] = new_taps
+    return y
+
+
+def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               A_log: torch.Tensor, dt_bias: torch.Tensor, allow_neg_eigval: bool, batch: Batch,
+               state_pool: torch.Tensor, decode_only: bool, backend: str) -> torch.Tensor:
+    """The gated delta rule over q, k [T, H, K], v [T, HV, V] from raw gate inputs a, b [T, HV];
+    returns o [T, HV, V]; the batch's states in state_pool advance."""
+    slots = batch.slot_ids
+    # The fused decode kernel computes beta = sigmoid(b) itself; it has no (0, 2) variant.
+    if backend == "triton" and decode_only and not allow_neg_eigval:
+        from kernels.recurrent import fused_recurrent_decode
+        return fused_recurrent_decode(q, k, v, a, b, A_log, dt_bias, state_pool, slots)
+    g, beta = reference.gdn_gates(a, b, A_log, dt_bias)
+    if allow_neg_eigval:
+        beta = beta * 2.0
+    if backend == "triton" and not decode_only:
+        from kernels.chunk import chunk_gated_delta_rule_prefill
+        return chunk_gated_delta_rule_prefill(q.contiguous(), k.contiguous(), v.contiguous(), g, beta,
+                                              batch.cu_seqlens, state_pool, slots, _has_past(batch))
+    # One token per sequence needs no chunking: the plain recurrence is the cheaper exact form.
+    rule = reference.recurrent_gated_delta_rule if decode_only else reference.chunk_gated_delta_rule
+    o, final = rule(q, k, v, g, beta, initial_state=state_pool[slots], cu_seqlens=batch.cu_seqlens)
+    state_pool[slots] = final
+    return o
+
+
+def _has_past(batch: Batch) -> torch.Tensor:
+    """Sequences starting at position 0 begin from zero state, whatever their slot holds."""
+    return torch.tensor([start > 0 for start in batch.starts], device=batch.slot_ids.device)
