@@ -43,11 +43,45 @@ class StateConfig:
 
 
 def pick_state_config(num_seqs: int, HV: int, K: int, V: int) -> StateConfig:
-    """Enough programs to cover the SMs when there are few sequences, wide blocks otherwise."""
+    """Enough programs to cover the SMs when there are few sequences, wide blocks otherwise.
+
+    Seen on an H200 with Triton 3.6: num_stages=1 with block_v <= 32 and 4 warps compiles to a
+    kernel that faults (out-of-range shared address in the dot), and K = 256 with two stages needs
+    more shared memory than the SM has; K > 128 therefore runs block_v 64, 8 warps, one stage.
+    """
+    if K > 128:
+        return StateConfig(block_v=64, num_warps=8, num_stages=1)
     BV = min(64, triton.next_power_of_2(V))
     while BV > 16 and num_seqs * HV * triton.cdiv(V, BV) < 256:
         BV //= 2
-    return StateConfig(block_v=BV, num_warps=4, num_stages=1 if K > 128 else 2)
+    return StateConfig(block_v=BV, num_warps=4, num_stages=2)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Where the chunks of a packed batch are; build once per batch, reuse for every layer.
+
+    Chunk c belongs to sequence chunk_seq[c] (N for the unused tail) and is its chunk number
+    c - chunk_start[chunk_seq[c]]. Built on the device with no host synchronisation, sized by the
+    bound sum(ceil(len / C)) <= T // C + N.
+    """
+
+    cu_seqlens: Tensor  # int64 [N + 1]
+    chunk_start: Tensor  # int64 [N + 1], first chunk of each sequence
+    chunk_seq: Tensor  # int32 [T // C + N]
+    num_tokens: int  # T
+
+
+def plan_chunks(cu_seqlens: Tensor, num_tokens: int) -> ChunkPlan:
+    cu = cu_seqlens.to(torch.int64)
+    N = cu.numel() - 1
+    num_chunks = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK  # [N]
+    chunk_start = torch.zeros(N + 1, dtype=torch.int64, device=cu.device)
+    torch.cumsum(num_chunks, 0, out=chunk_start[1:])
+    NC = num_tokens // CHUNK + N
+    ids = torch.arange(NC, device=cu.device)
+    chunk_seq = torch.searchsorted(chunk_start[1:], ids, right=True).to(torch.int32)
+    return ChunkPlan(cu, chunk_start, chunk_seq, num_tokens)
 
 
 def chunk_gated_delta_rule_prefill(
@@ -64,6 +98,7 @@ def chunk_gated_delta_rule_prefill(
     scale: float | None = None,
     use_qk_l2norm: bool = True,
     config: StateConfig | None = None,
+    plan: ChunkPlan | None = None,
 ) -> Tensor:
     """Prefill N packed sequences; returns o [T, HV, V] in v.dtype.
 
@@ -71,7 +106,8 @@ def chunk_gated_delta_rule_prefill(
     the device; state_pool: [S, HV, K, V] fp32; slot_ids: int [N]; has_initial_state: bool [N].
     Sequence i starts from state_pool[slot_ids[i]] (zeros where has_initial_state[i] is False) and
     its final state is written back there. Slots must be distinct; other slots are not touched.
-    No host synchronisation: the chunk table is built on the device with an upper bound on its size.
+    No host synchronisation. plan (from plan_chunks(cu_seqlens, T)) may be passed to reuse the
+    chunk table across layers; config overrides the state kernel's launch shape.
     """
     T, H, K = q.shape
     HV, V = v.shape[1:]
@@ -86,16 +122,10 @@ def chunk_gated_delta_rule_prefill(
     dev = q.device
     BK = max(16, triton.next_power_of_2(K))
 
-    # Chunk table: chunk c belongs to sequence chunk_seq[c] (N past the real chunks) and is its
-    # chunk number c - chunk_start[chunk_seq[c]]. sum(ceil(len / C)) <= T // C + N.
-    cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-    num_chunks = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK  # [N]
-    chunk_start = torch.zeros(N + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(num_chunks, 0, out=chunk_start[1:])
-    NC = T // CHUNK + N
-    chunk_seq = torch.searchsorted(
-        chunk_start[1:], torch.arange(NC, device=dev), right=True
-    ).to(torch.int32)  # [NC]
+    plan = plan or plan_chunks(cu_seqlens.to(dev), T)
+    assert plan.num_tokens == T and plan.cu_seqlens.numel() == N + 1
+    cu, chunk_start, chunk_seq = plan.cu_seqlens, plan.chunk_start, plan.chunk_seq
+    NC = chunk_seq.numel()
 
     G = torch.empty(T, HV, dtype=torch.float32, device=dev)  # within-chunk cumsum of g * log2 e
     Tinv = torch.empty(T, HV, CHUNK, dtype=torch.float32, device=dev)  # rows of (I + A)^-1

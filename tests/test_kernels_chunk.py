@@ -68,9 +68,9 @@ def test_single_sequence_each_length(length):
            seed=length)
 
 
-def test_value_dim_split_across_programs_and_no_l2norm():
+def test_value_dim_split_across_programs_prebuilt_plan_and_no_l2norm():
     # V = 64 with block_v = 16 puts four programs on one head's state.
-    from kernels.chunk import StateConfig
+    from kernels.chunk import StateConfig, plan_chunks
 
     q, k, v, g, beta, cu, gen = _inputs([70, 5], 1, 1, 16, 64, torch.float32, seed=3)
     q, k = reference.l2norm(q), reference.l2norm(k)  # pre-normalised inputs
@@ -79,7 +79,7 @@ def test_value_dim_split_across_programs_and_no_l2norm():
     init = pool[slots].clone()
     o = chunk_gated_delta_rule_prefill(
         q, k, v, g, beta, cu, pool, slots, has, scale=0.3, use_qk_l2norm=False,
-        config=StateConfig(block_v=16),
+        config=StateConfig(block_v=16), plan=plan_chunks(cu, q.shape[0]),
     )
     o_ref, s_ref = reference.recurrent_gated_delta_rule(
         q, k, v, g, beta, scale=0.3, initial_state=init, cu_seqlens=cu, use_qk_l2norm=False
