@@ -9,8 +9,9 @@ measured here in the same run. Both kernels do the same fused work from raw inpu
 sigmoid(b), q/k l2norm, the update, the output); fla reads an [N, HV, K, V] initial state and
 writes a new final state, ours updates a shuffled slot pool in place (same bytes).
 
-fla runs in a child process, restarted after a failure: 0.6.0 dies with an illegal memory access
-at large batch with HV = 32, which poisons the CUDA context for anything after it.
+fla runs in a child process, restarted after a failure: 0.6.0 was reported (issue 3) to die with an
+illegal memory access at large batch with HV = 32, which would poison the CUDA context for
+anything after it (not seen on an H200 with triton 3.6.0; docs/performance.md).
 Also checks our kernel against kernels/reference.py at real sizes, including a pool of more than
 2^31 elements. Prints a table; writes JSON to $OUT/kernels_decode.json when OUT is set.
 """
