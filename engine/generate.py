@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.loader import LoadedModel
-from engine.sampling import SamplingParams, sample
+from engine.sampling import SamplingParams, SequenceSampler, sample_batch
 from engine.tokenizer import IncrementalDetokenizer
 
 
@@ -18,7 +18,7 @@ from engine.tokenizer import IncrementalDetokenizer
 class GenerationStep:
     token_id: int
     text: str  # newly completed text (may be empty while a multi-byte character is incomplete)
-    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens), or None while going on
+    finish_reason: str | None  # "stop" (EOS or a stop token id), "length" (max_tokens), or None while going on
 
 
 def prompt_ids(loaded: LoadedModel, prompt: str | list[int]) -> list[int]:
@@ -42,16 +42,15 @@ def generate(loaded: LoadedModel, prompt: str | list[int], params: SamplingParam
         raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                          f"model's context of {limit} tokens")
     device = model.embed.device
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    detok = IncrementalDetokenizer(tokenizer)
+    sampler = SequenceSampler(params, ids, tokenizer.eos_token_ids, loaded.config.vocab_size)
+    detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
     state = model.new_state()
     hidden = model.run(torch.tensor(ids, device=device), state)[-1:]
     for produced in range(1, params.max_tokens + 1):
-        token = sample(model.logits(hidden)[0], params, generator)
+        token = sample_batch(model.logits(hidden), [sampler]).token_ids[0]
+        sampler.append(token)
         finish = None
-        if token in tokenizer.eos_token_ids and not params.ignore_eos:
+        if (token in tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             finish = "stop"
         elif produced == params.max_tokens:
             finish = "length"
