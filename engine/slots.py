@@ -62,6 +62,21 @@ class SlotPool:
         for layer, empty in self._empty_kv.items():  # drop the memory now, not at reuse
             self.keys[layer][slot] = self.values[layer][slot] = empty
 
+    def copy(self, src: int, dst: int) -> None:
+        """Make dst's state a copy of src's: forking a sequence (n > 1) after its prompt."""
+        assert src in self._in_use and dst in self._in_use
+        for conv, rec in zip(self.conv, self.recurrent):
+            if conv is not None:
+                conv[dst].copy_(conv[src])
+                rec[dst].copy_(rec[src])
+        for layer in self._empty_kv:  # attention tensors are never written in place: sharing is a copy
+            self.keys[layer][dst] = self.keys[layer][src]
+            self.values[layer][dst] = self.values[layer][src]
+
+    def bytes_per_slot(self) -> int:
+        """Fixed-size state of one slot (attention keys/values, which grow, not counted)."""
+        return sum(t[0].numel() * t.element_size() for t in self.conv + self.recurrent if t is not None)
+
     def _clear(self, slot: int) -> None:
         for conv, rec in zip(self.conv, self.recurrent):
             if conv is not None:

@@ -1,0 +1,224 @@
+"""The engine's step: schedule -> one forward over the packed tokens -> sample -> detokenize ->
+outputs. Synchronous and single-threaded; engine/async_engine.py runs it off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.loader import LoadedModel
+from engine.models.state import Batch
+from engine.request import CompletionOutput, Request, RequestOutput, Sequence
+from engine.sampling import SamplingParams, TokenLogprob, prompt_logprobs, sample_batch
+from engine.scheduler import PrefillChunk, Scheduler
+from engine.slots import SlotPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # slots: requests (times n) decoding at once
+    max_num_batched_tokens: int = 2048  # tokens per step, decodes and prompt chunks together
+    max_model_len: int | None = None  # prompt + max_tokens limit; default: the model's own limit
+    gpu_memory_utilization: float = 0.9  # share of free GPU memory the slot pool may take
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+def plan_num_slots(loaded: LoadedModel, config: EngineConfig) -> int:
+    """As many slots as asked for, or fewer when their state would not fit in GPU memory."""
+    model = loaded.model
+    if model.device.type != "cuda":
+        return config.max_num_seqs
+    probe = SlotPool(loaded.config, 1, torch.device("meta"), model.embed.dtype)
+    per_slot = max(probe.bytes_per_slot(), 1)
+    free, _total = torch.cuda.mem_get_info(model.device)
+    fits = int(free * config.gpu_memory_utilization) // per_slot
+    if fits < config.max_num_seqs:
+        log.warning("slot pool: %d slots asked for, %d fit (%.1f MiB each); starting with %d",
+                    config.max_num_seqs, fits, per_slot / 2**20, max(fits, 1))
+    return max(min(fits, config.max_num_seqs), 1)
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = config
+        self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
+        num_slots = plan_num_slots(loaded, config)
+        self.pool = self.model.new_pool(num_slots)
+        self.scheduler = Scheduler(self.pool, min(config.max_num_seqs, num_slots), config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        log.info("engine: %d slots, %.1f MiB of state each", num_slots, self.pool.bytes_per_slot() / 2**20)
+
+    # ---- requests in and out ----------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError with a user-facing message for a request that can never run."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.loaded.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context limit of {self.max_model_len} tokens")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds the {self.scheduler.max_num_seqs} sequences the engine runs")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        self.validate(prompt_ids, params)
+        assert request_id not in self.requests, f"duplicate request id {request_id}"
+        request = Request(request_id, list(prompt_ids), params)
+        request.init_sequences(self.tokenizer, self.loaded.config.vocab_size)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is; its slots are free when this returns."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.remove(request)
+        outputs = []
+        for seq in request.sequences:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                outputs.append(CompletionOutput(seq.index, "", [], None, "abort"))
+        return self._request_output(request, outputs)
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        ids, lens, slots, starts = [], [], [], []
+        for seq in plan.decodes:
+            ids.append(seq.pending_token)
+            lens.append(1)
+            slots.append(seq.slot)
+            starts.append(seq.num_computed)
+        for chunk in plan.prefills:
+            ids.extend(chunk.request.prompt_ids[chunk.start:chunk.start + chunk.length])
+            lens.append(chunk.length)
+            slots.append(chunk.request.sequences[0].slot)
+            starts.append(chunk.start)
+        device = self.model.device
+        batch = Batch.build(lens, slots, starts, device)
+        hidden = self.model(torch.tensor(ids, device=device), batch, self.pool)
+        ends = batch.cu_seqlens[1:].tolist()
+
+        rows: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, end in zip(plan.decodes, ends):
+            seq.num_computed += 1
+            seq.pending_token = None
+            rows.append(end - 1)
+            sampled.append(seq)
+        for chunk, (begin, end) in zip(plan.prefills, batch.bounds[len(plan.decodes):]):
+            self._advance_prefill(chunk, hidden[begin:end])
+            if not chunk.request.prefilling:
+                for seq in chunk.request.sequences:
+                    rows.append(end - 1)
+                    sampled.append(seq)
+
+        touched: dict[str, list[CompletionOutput]] = {}
+        if sampled:
+            result = sample_batch(self.model.logits(hidden[rows]), [seq.sampler for seq in sampled])
+            now = time.monotonic()
+            for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
+                seq.request.first_token_time = seq.request.first_token_time or now
+                touched.setdefault(seq.request.request_id, []).append(self._append_token(seq, token, logprob))
+        outputs = []
+        for request_id, completions in touched.items():
+            request = self.requests[request_id]
+            outputs.append(self._request_output(request, completions))
+            if request.finished:
+                del self.requests[request_id]
+        self.scheduler.drop_finished()
+        return outputs
+
+    def _advance_prefill(self, chunk: PrefillChunk, hidden: torch.Tensor) -> None:
+        request = chunk.request
+        first = request.sequences[0]
+        k = request.params.prompt_logprobs
+        if k is not None:
+            self._collect_prompt_logprobs(request, chunk, hidden, k)
+        request.num_prefilled += chunk.length
+        first.num_computed += chunk.length
+        if not request.prefilling:  # prompt done: every other choice starts from a copy of its state
+            for seq in request.sequences[1:]:
+                self.pool.copy(first.slot, seq.slot)
+                seq.num_computed = first.num_computed
+
+    def _collect_prompt_logprobs(self, request: Request, chunk: PrefillChunk, hidden: torch.Tensor, k: int) -> None:
+        """Row i of the chunk predicts prompt token start + i + 1 (when that is still prompt)."""
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
+        targets = request.prompt_ids[chunk.start:chunk.start + chunk.length + 1]
+        rows = len(targets) - 1
+        if rows > 0:
+            entries = prompt_logprobs(self.model.logits(hidden[:rows]), targets, k)
+            request.prompt_logprobs.extend(entries[1:])
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> CompletionOutput:
+        """Record a sampled token and decide whether the sequence is done; returns the deltas."""
+        params = seq.request.params
+        seq.sampler.append(token)
+        text = ""
+        if token in seq.eos_token_ids:
+            seq.finish_reason = "stop"
+            text = self._drain(seq, seq.detokenizer.flush())
+        elif token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            text = self._drain(seq, seq.detokenizer.flush())
+        else:
+            text, matched = seq.stop_checker.feed(seq.detokenizer.add(token))
+            if matched is not None:
+                seq.finish_reason, seq.stop_reason = "stop", matched
+            elif len(seq.output_ids) >= params.max_tokens:
+                seq.finish_reason = "length"
+                text += self._drain(seq, seq.detokenizer.flush())
+            else:
+                seq.pending_token = token
+        if seq.finished:
+            self.scheduler.release(seq)
+        return CompletionOutput(seq.index, text, [token], [logprob] if logprob is not None else None,
+                                seq.finish_reason, seq.stop_reason)
+
+    @staticmethod
+    def _drain(seq: Sequence, tail: str) -> str:
+        """The text still held at the end; a stop string completed by the tail still cuts it."""
+        text, matched = seq.stop_checker.feed(tail)
+        if matched is not None:
+            seq.finish_reason, seq.stop_reason = "stop", matched
+            return text
+        return text + seq.stop_checker.flush()
+
+    def _request_output(self, request: Request, completions: list[CompletionOutput]) -> RequestOutput:
+        prompt_lp = None
+        if request.prompt_logprobs is not None and not request.prefilling and not request.prompt_logprobs_sent:
+            prompt_lp = request.prompt_logprobs
+            request.prompt_logprobs_sent = True
+        return RequestOutput(request.request_id, completions, request.prompt_ids, prompt_lp, request.finished,
+                             len(request.prompt_ids), request.num_generated)
