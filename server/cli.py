@@ -57,6 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--served-model-name", nargs="+", metavar="NAME", default=None,
+                       help="the model name(s) clients use; the first is the one answers carry "
+                            "(default: the model folder's name)")
+    serve.add_argument("--max-num-seqs", type=int, default=64,
+                       help="most sequences decoding at once, i.e. state slots (default: 64)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="most tokens per engine step, decodes and prompt chunks together (default: 2048)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="limit on prompt + max_tokens per request (default: the model's own limit; "
+                            "none for pure Gated DeltaNet models)")
+    serve.add_argument("--max-queued-requests", type=int, default=1024,
+                       help="requests that may wait for a slot; beyond it, 503 with Retry-After (default: 1024)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM, how long running requests may take to finish before they are aborted "
+                            "(default: 30)")
+    serve.add_argument("--no-request-log", action="store_true",
+                       help="do not write the one JSON line per request to stderr")
     return parser
 
 
@@ -102,7 +119,26 @@ def run_models(_args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    raise ValueError("the HTTP server is not built yet (see the server issue); use `deltaserve generate`")
+    from engine.engine import EngineConfig
+    from engine.loader import load_model
+    from server.serve import ServerConfig, serve
+
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError("--max-model-len must be at least 2")
+    if args.drain_timeout < 0:
+        raise ValueError("--drain-timeout must be >= 0")
+    engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                 max_model_len=args.max_model_len)
+    model_dir = _model_dir(args.model)
+    names = tuple(args.served_model_name or (["deltaserve-demo"] if args.model is None else []))
+    config = ServerConfig(host=args.host, port=args.port, served_model_names=names,
+                          max_queued_requests=args.max_queued_requests, drain_timeout_s=args.drain_timeout,
+                          log_level=args.log_level, log_requests=not args.no_request_log)
+    loaded = load_model(model_dir, device=args.device, dtype=args.dtype, backend=args.kernels)
+    serve(loaded, engine_config, config)
 
 
 def main(argv: list[str] | None = None) -> int:

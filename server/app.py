@@ -1,0 +1,149 @@
+"""The FastAPI app: routes, each declaring the error statuses it can answer with."""
+
+from __future__ import annotations
+
+import uuid
+from importlib import metadata
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from server import errors
+from server.chat import ChatWriter
+from server.completions import CompletionWriter
+from server.errors import APIError, bad_request
+from server.generation import ClientGone, Generation
+from server.params import chat_params, chat_prompt, chat_request_prompt, completion_params, completion_prompts
+from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                             DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
+                             TokenizeRequest, TokenizeResponse, TokenizerInfo, VersionResponse)
+from server.state import ServerState
+from server.streaming import event_stream
+
+_ERR = {"model": ErrorResponse}
+_SSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+GENERATE_RESPONSES = {200: _SSE, 400: _ERR, 404: _ERR, 499: _ERR, 500: _ERR, 503: _ERR}
+TOKENIZER_RESPONSES = {400: _ERR, 404: _ERR, 500: _ERR}
+CLIENT_CLOSED = 499  # nginx's status for "the client went away": the response is never seen
+
+
+def version() -> str:
+    try:
+        return metadata.version("deltaserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="deltaserve", version=version(),
+                  description="OpenAI-compatible server for Gated DeltaNet models.")
+    app.state.server = state
+    errors.install(app)
+    _drop_default_422(app)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=GENERATE_RESPONSES)
+    async def completions(body: CompletionRequest, raw: Request):
+        state.check_model(body.model)
+        prompts = completion_prompts(body, state.tokenizer)
+        params = completion_params(body, max(len(p) for p in prompts), state.max_model_len)
+        gen = Generation(state, f"cmpl-{uuid.uuid4().hex}", "completions", prompts, params)
+        writer = CompletionWriter(gen, body)
+        return await _answer(gen, raw, body.stream, writer.chunks, writer.response)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=GENERATE_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        state.check_model(body.model)
+        prompt = chat_request_prompt(body, state.tokenizer)
+        params = chat_params(body, len(prompt), state.max_model_len)
+        gen = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", "chat", [prompt], params)
+        writer = ChatWriter(gen, body)
+        return await _answer(gen, raw, body.stream, writer.chunks, writer.response)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, created=state.created, root=str(state.model_path),
+                                         max_model_len=state.max_model_len) for name in state.served_names])
+
+    @app.get("/health", responses={200: {"content": {"application/json": {}}}, 503: _ERR})
+    async def health() -> JSONResponse:
+        if state.draining:
+            raise errors.unavailable("the server is shutting down")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        body = state.metrics.render(state.engine.stats())
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=TOKENIZER_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt and messages", "prompt")
+        if body.prompt is not None:
+            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            ids = chat_prompt(body.messages, state.tokenizer, body.add_generation_prompt)
+        return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        state.check_model(body.model)
+        outside = [t for t in body.tokens if not 0 <= t < state.vocab_size]
+        if outside:
+            raise bad_request(f"token id(s) {outside[:5]} are outside the vocabulary [0, {state.vocab_size})",
+                              "tokens")
+        return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo)
+    async def tokenizer_info() -> TokenizerInfo:
+        tok = state.tokenizer
+        eos_ids = sorted(tok.eos_token_ids)
+        return TokenizerInfo(
+            vocab_size=tok.vocab_size, eos_token=state.texts.text(eos_ids[0]) if eos_ids else None,
+            eos_token_ids=eos_ids, bos_token_id=tok.bos_token_id,
+            bos_token=state.texts.text(tok.bos_token_id) if tok.bos_token_id is not None else None,
+            max_model_len=state.max_model_len, chat_template=tok.chat_template)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def get_version() -> VersionResponse:
+        return VersionResponse(version=version())
+
+    return app
+
+
+async def _answer(gen: Generation, raw: Request, stream: bool, chunks, response):
+    """Start the generation (errors are still plain HTTP errors here), then stream or answer whole."""
+    try:
+        await gen.start(raw)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    if stream:
+        return event_stream(gen, chunks())
+    try:
+        return await response()
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    except APIError as err:
+        gen.status = err.status
+        raise
+    finally:
+        gen.close()
+
+
+def _drop_default_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 on every route with a body; this server answers 400 instead."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

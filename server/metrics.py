@@ -1,0 +1,78 @@
+"""Prometheus metrics under `deltaserve:`, named after vLLM's so its dashboards need only the prefix changed.
+
+One registry per app (tests start several). Gauges are read from the engine when scraped; counters and
+histograms are fed by server/generation.py as outputs arrive.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from engine.async_engine import EngineStats
+
+disable_created_metrics()  # the *_created series only double what a scrape needs; vLLM omits them too
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                240.0, 480.0, 960.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"deltaserve:{name}", doc, labels, registry=self.registry)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"deltaserve:{name}", doc, labels + list(extra), registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"deltaserve:{name}", doc, labels, buckets=buckets, registry=self.registry)
+
+        self._model = model_name
+        self.running = gauge("num_requests_running", "Engine requests holding slots (prefilling or decoding).")
+        self.waiting = gauge("num_requests_waiting", "Engine requests queued for a slot.")
+        self.slots_used = gauge("slots_used", "Slots of the state pool in use.")
+        self.slots_total = gauge("slots_total", "Slots in the state pool.")
+        self.slot_usage = gauge("slot_usage_perc", "Share of the state pool in use, 0 to 1.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.success = counter("request_success", "Finished choices, by finish reason.", ("finished_reason",))
+        self.rejected = counter("request_rejected", "Requests refused with 503, by reason.", ("reason",))
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first generated token.", _LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between generated tokens of a request.",
+                             _LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
+
+    def render(self, stats: EngineStats) -> bytes:
+        self.running.labels(self._model).set(stats.num_running)
+        self.waiting.labels(self._model).set(stats.num_waiting)
+        self.slots_used.labels(self._model).set(stats.slots_used)
+        self.slots_total.labels(self._model).set(stats.slots_total)
+        self.slot_usage.labels(self._model).set(stats.slots_used / max(stats.slots_total, 1))
+        return generate_latest(self.registry)
+
+    # ---- fed by the request path ----------------------------------------------------------------
+
+    def first_token(self, ttft_s: float, prompt_tokens: int) -> None:
+        self.ttft.labels(self._model).observe(ttft_s)
+        self.prompt_tokens.labels(self._model).inc(prompt_tokens)
+
+    def tokens(self, count: int, gap_s: float | None) -> None:
+        self.generation_tokens.labels(self._model).inc(count)
+        if gap_s is not None and count:
+            # a step that delivers several tokens at once spreads its gap over them
+            for _ in range(count):
+                self.itl.labels(self._model).observe(gap_s / count)
+
+    def choice_finished(self, reason: str) -> None:
+        self.success.labels(self._model, reason).inc()
+
+    def request_finished(self, e2e_s: float) -> None:
+        self.e2e.labels(self._model).observe(e2e_s)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(self._model, reason).inc()

@@ -1,0 +1,122 @@
+"""Start the server: load the model, start the engine, run uvicorn; drain on SIGTERM.
+
+Draining: the first SIGTERM (or Ctrl-C) sets the drain switch, so /health answers 503 and new requests
+get 503, while requests already running finish, for up to the drain timeout; what is still running
+then is aborted (its streams end with finish_reason "abort"), and uvicorn shuts down. A second signal
+stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from engine.async_engine import AsyncEngine
+from engine.engine import EngineConfig, LLMEngine
+from engine.loader import LoadedModel
+from server.app import build_app
+from server.metrics import Metrics
+from server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+_ABORT_GRACE_S = 2.0  # after aborting what outlived the drain, time for those streams to send their end
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: tuple[str, ...] = ()  # default: the model folder's name
+    max_queued_requests: int = 1024
+    drain_timeout_s: float = 30.0
+    log_level: str = "warning"
+    log_requests: bool = True
+
+
+def build_state(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> ServerState:
+    engine = AsyncEngine(LLMEngine(loaded, engine_config), max_queued_requests=config.max_queued_requests)
+    names = list(config.served_model_names) or [Path(loaded.path).name]
+    return ServerState(engine=engine, tokenizer=loaded.tokenizer, served_names=names, model_path=Path(loaded.path),
+                       vocab_size=loaded.config.vocab_size, max_model_len=engine.engine.max_model_len,
+                       metrics=Metrics(names[0]))
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a drain before its own graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(f"deltaserve: serving {self.state.model_name!r} on http://{host}:{port} "
+                  f"({self.state.engine.stats().slots_total} slots)", file=sys.stderr, flush=True)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.state.draining or self._loop is None:
+            super().handle_exit(sig, frame)  # a second signal, or one before start-up: stop now
+            self.force_exit = True
+            return
+        self.state.draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.drain()))
+
+    async def drain(self) -> None:
+        log.warning("draining: %d request(s) in flight, waiting up to %.0f s", len(self.state.active),
+                    self.drain_timeout_s)
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.state.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.state.active:
+            log.warning("drain timeout: aborting %d request(s)", len(self.state.active))
+            for gen in list(self.state.active):
+                gen.abort()
+            deadline = time.monotonic() + _ABORT_GRACE_S
+            while self.state.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        self.should_exit = True
+
+
+def make_server(state: ServerState, config: ServerConfig) -> DrainingServer:
+    app = build_app(state)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                               access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    return DrainingServer(uv_config, state, config.drain_timeout_s)
+
+
+def setup_request_log(enabled: bool) -> None:
+    """The per-request JSON lines go to stderr as they are, whatever the general log level."""
+    logger = logging.getLogger("deltaserve.requests")
+    logger.propagate = False
+    logger.handlers.clear()
+    if enabled:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.setLevel(logging.CRITICAL + 1)
+
+
+def serve(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> None:
+    """Block until the server has drained and stopped."""
+    setup_request_log(config.log_requests)
+    state = build_state(loaded, engine_config, config)
+    server = make_server(state, config)
+    state.engine.start()
+    try:
+        server.run()
+    finally:
+        state.engine.stop()

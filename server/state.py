@@ -1,0 +1,49 @@
+"""What every route shares: the engine, the tokenizer, the served names, metrics, and the drain switch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.async_engine import AsyncEngine
+from engine.tokenizer import Tokenizer
+from server.errors import APIError, unavailable
+from server.logprobs import TokenTexts
+from server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from server.generation import Generation
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    served_names: list[str]  # the first is the name answers carry
+    model_path: Path
+    vocab_size: int
+    max_model_len: int | None
+    metrics: Metrics
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False  # set on SIGTERM: /health says 503, new work is refused, running work finishes
+    active: set[Generation] = field(default_factory=set)
+    texts: TokenTexts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.texts = TokenTexts(self.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_names[0]
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.served_names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            self.metrics.reject("draining")
+            raise unavailable("the server is shutting down")

@@ -1,0 +1,166 @@
+"""The server under abuse: garbage bodies, clients that vanish mid-stream, a full queue. Each must get
+an error object (or cost nothing), free its slots, and leave the server answering."""
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+from engine.engine import EngineConfig
+from server_harness import MODEL_NAME, ThreadServer, write_tiny_model
+
+POST_ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+GARBAGE = [b"", b"{", b"null", b"[]", b"123", b'"text"', b"\xff\xfe\x00garbage", b'{"prompt": {}}',
+           b'{"messages": 5, "tokens": "x"}', b'{"prompt": [1.5], "tokens": [1.5]}',
+           b'{"prompt": "x", "messages": [], "tokens": [-1], "n": "many"}',
+           b'{"prompt": "x", "messages": [{"role": "user", "content": [{"type": "image_url"}]}], "n": -3}',
+           b'{"prompt": [], "messages": [{"content": "no role"}], "max_tokens": -5}',
+           b'{"prompt": [[]], "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e30, "tokens": []}',
+           b'{"prompt": "x", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}, "stop": 5}',
+           b'{"prompt": "x", "messages": [{"role": "user", "content": "x"}], "top_p": 0, "logprobs": 99}',
+           b'{"model": 7, "prompt": "x", "messages": [{"role": "user", "content": "x"}], "tokens": [1]}']
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ThreadServer(write_tiny_model(tmp_path_factory.mktemp("tiny")),
+                       EngineConfig(max_num_seqs=8, max_num_batched_tokens=256))
+    yield srv
+    srv.stop()
+
+
+def _error_object(reply: httpx.Response) -> dict:
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(re.search(rf"^deltaserve:{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+def test_garbage_bodies_get_a_4xx_error_object(server, route):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for body in GARBAGE:
+            reply = http.post(route, content=body, headers={"content-type": "application/json"})
+            if reply.status_code == 200:  # a few bodies are valid for some routes
+                continue
+            assert 400 <= reply.status_code < 500, (route, body, reply.text)
+            _error_object(reply)
+        assert http.get("/health").status_code == 200
+
+
+def test_unknown_routes_and_methods_get_error_objects(server):
+    assert httpx.get(f"{server.url}/v1/nothing").status_code == 404
+    _error_object(httpx.get(f"{server.url}/v1/nothing"))
+    reply = httpx.get(f"{server.url}/v1/completions")
+    assert reply.status_code == 405
+    _error_object(reply)
+
+
+def test_openapi_schema_documents_400_not_422(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    responses = schema["paths"]["/v1/completions"]["post"]["responses"]
+    assert "400" in responses and "503" in responses and "422" not in responses
+
+
+def test_disconnect_storm_frees_every_slot_and_the_server_still_answers(server):
+    body = {"model": MODEL_NAME, "prompt": "storm", "max_tokens": 100000, "stream": True, "ignore_eos": True}
+
+    async def reader(http, i):
+        if i % 4 == 3:  # leave before the first token: the request may still be queued
+            try:
+                await asyncio.wait_for(http.post("/v1/completions", json=body), timeout=0.05)
+            except asyncio.TimeoutError:
+                pass
+            return
+        async with http.stream("POST", "/v1/completions", json=body) as reply:
+            assert reply.status_code == 200
+            seen = 0
+            async for line in reply.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 3:
+                    break  # leaving the block closes the connection mid-stream
+
+    async def storm():
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
+            await asyncio.gather(*(reader(http, i) for i in range(40)))
+
+    asyncio.run(storm())
+    deadline = time.monotonic() + 15
+    while (_metric(server.url, "num_requests_running") or _metric(server.url, "num_requests_waiting")
+           or server.state.active) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(server.url, "num_requests_running") == 0 and _metric(server.url, "num_requests_waiting") == 0
+    assert not server.state.active
+    pool = server.state.engine.engine.pool
+    assert pool.num_free == pool.capacity
+    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "still there?", "max_tokens": 3})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_non_streaming_client_that_leaves_aborts_its_request(server):
+    body = {"prompt": "long", "max_tokens": 100000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while _metric(server.url, "num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(server.url, "num_requests_running") == 0
+    assert 'finished_reason="abort"' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_full_queue_is_503_with_retry_after(tmp_path):
+    srv = ThreadServer(write_tiny_model(tmp_path / "m"), EngineConfig(max_num_seqs=1, max_num_batched_tokens=64),
+                       max_queued_requests=1)
+    try:
+        long = {"prompt": "hog", "max_tokens": 100000, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=srv.url, timeout=30) as http, http.stream("POST", "/v1/completions",
+                                                                              json=long) as hog:
+            hog_lines = hog.iter_lines()  # kept: dropping the iterator would close the stream
+            next(hog_lines)  # it holds the only slot
+            queued = threading.Thread(target=lambda: httpx.post(f"{srv.url}/v1/completions", timeout=30,
+                                                                json={"prompt": "q", "max_tokens": 2}))
+            queued.start()
+            deadline = time.monotonic() + 10
+            while _metric(srv.url, "num_requests_waiting") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            reply = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert reply.status_code == 503 and reply.headers["retry-after"]
+            assert _error_object(reply)["type"] == "service_unavailable_error"
+        queued.join(timeout=30)  # the hog left, so the queued one ran
+        assert not queued.is_alive()
+        assert _metric(srv.url, "request_rejected_total") == 1
+    finally:
+        srv.stop()
+
+
+def test_error_after_the_stream_began_is_a_data_event_then_done():
+    from server.errors import APIError
+    from server.streaming import _events
+
+    class FakeGen:
+        id, status = "x", 200
+
+        def close(self):
+            self.closed = True
+
+    async def chunks():
+        yield "{}"
+        raise APIError(500, "boom")
+
+    async def run():
+        gen = FakeGen()
+        events = [e async for e in _events(gen, chunks())]
+        return gen, events
+
+    gen, events = asyncio.run(run())
+    assert events[0] == "data: {}\n\n" and events[-1] == "data: [DONE]\n\n"
+    assert json.loads(events[1][len("data: "):])["error"]["message"] == "boom" and gen.closed
