@@ -59,8 +59,8 @@ def main() -> None:
             ref.save_pretrained(folder)
             write_byte_tokenizer(folder)
             ref = ref.to("cuda", dtype)
-            ours = load_model(folder, device="cuda", dtype=str(dtype).removeprefix("torch."))
-            for T in (40, 300):
+            for backend, T in [(b, t) for b in ("torch", "triton") for t in (40, 300)]:
+                ours = load_model(folder, device="cuda", dtype=str(dtype).removeprefix("torch."), backend=backend)
                 ids = torch.randint(0, 256, (T,), generator=torch.Generator().manual_seed(T)).cuda()
                 with torch.no_grad():
                     expected = ref(ids[None]).logits[0].float()
@@ -71,7 +71,7 @@ def main() -> None:
                                                      SamplingParams(max_tokens=32, ignore_eos=True))]
                 theirs = generated[0, T:].tolist()
                 same = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
-                report(shape=name, dtype=str(dtype), T=T, max_abs=(got - expected).abs().max().item(),
+                report(shape=name, dtype=str(dtype), backend=backend, T=T, max_abs=(got - expected).abs().max().item(),
                        rel_err=rel, argmax_agree=(got.argmax(-1) == expected.argmax(-1)).float().mean().item(),
                        greedy_tokens_identical=same, of=len(mine))
 
