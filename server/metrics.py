@@ -47,6 +47,10 @@ class Metrics:
                              _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
 
+        # the per-token path uses these bound children: labels() costs a lock and a lookup per call
+        self._generation_tokens = self.generation_tokens.labels(model_name)
+        self._itl = self.itl.labels(model_name)
+
     def render(self, stats: EngineStats) -> bytes:
         self.running.labels(self._model).set(stats.num_running)
         self.waiting.labels(self._model).set(stats.num_waiting)
@@ -62,11 +66,11 @@ class Metrics:
         self.prompt_tokens.labels(self._model).inc(prompt_tokens)
 
     def tokens(self, count: int, gap_s: float | None) -> None:
-        self.generation_tokens.labels(self._model).inc(count)
-        if gap_s is not None and count:
-            # a step that delivers several tokens at once spreads its gap over them
-            for _ in range(count):
-                self.itl.labels(self._model).observe(gap_s / count)
+        """`count` tokens of one choice arrived, `gap_s` after its previous ones (None for its first)."""
+        self._generation_tokens.inc(count)
+        if gap_s is not None:
+            for _ in range(count):  # tokens that arrive together share the gap
+                self._itl.observe(gap_s / count)
 
     def choice_finished(self, reason: str) -> None:
         self.success.labels(self._model, reason).inc()
