@@ -36,12 +36,12 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
-def plan_num_slots(loaded: LoadedModel, config: EngineConfig) -> int:
+def plan_num_slots(loaded: LoadedModel, config: EngineConfig, max_len: int | None) -> int:
     """As many slots as asked for, or fewer when their state would not fit in GPU memory."""
     model = loaded.model
     if model.device.type != "cuda":
         return config.max_num_seqs
-    probe = SlotPool(loaded.config, 1, torch.device("meta"), model.embed.dtype)
+    probe = SlotPool(loaded.config, 1, torch.device("meta"), model.embed.dtype, max_len)
     per_slot = max(probe.bytes_per_slot(), 1)
     free, _total = torch.cuda.mem_get_info(model.device)
     fits = int(free * config.gpu_memory_utilization) // per_slot
@@ -58,8 +58,8 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.config = config
         self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
-        num_slots = plan_num_slots(loaded, config)
-        self.pool = self.model.new_pool(num_slots)
+        num_slots = plan_num_slots(loaded, config, self.max_model_len)
+        self.pool = self.model.new_pool(num_slots, self.max_model_len)
         self.scheduler = Scheduler(self.pool, min(config.max_num_seqs, num_slots), config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         log.info("engine: %d slots, %.1f MiB of state each", num_slots, self.pool.bytes_per_slot() / 2**20)
@@ -168,7 +168,7 @@ class LLMEngine:
         first.num_computed += chunk.length
         if not request.prefilling:  # prompt done: every other choice starts from a copy of its state
             for seq in request.sequences[1:]:
-                self.pool.copy(first.slot, seq.slot)
+                self.pool.copy(first.slot, seq.slot, first.num_computed)
                 seq.num_computed = first.num_computed
 
     def _collect_prompt_logprobs(self, request: Request, chunk: PrefillChunk, hidden: torch.Tensor, k: int) -> None:

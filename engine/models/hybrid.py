@@ -61,8 +61,10 @@ class HybridLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def new_pool(self, num_slots: int) -> SlotPool:
-        return SlotPool(self.config, num_slots, self.device, self.embed.dtype)
+    def new_pool(self, num_slots: int, max_len: int | None = None) -> SlotPool:
+        """max_len: positions each slot's attention buffers hold (default: the model's limit)."""
+        return SlotPool(self.config, num_slots, self.device, self.embed.dtype,
+                        max_len or self.config.max_position_embeddings)
 
     def new_state(self) -> SequenceState:
         return SequenceState(self.new_pool(1))

@@ -66,7 +66,7 @@ class GatedDeltaNet(nn.Module):
         proj = x @ self.in_proj.t()
         qkv, z, b, a = proj.split([s.conv_dim, self.z_dim, s.num_v_heads, s.num_v_heads], dim=-1)
 
-        decode_only = T == len(batch.starts)
+        decode_only = batch.decode_only
         qkv = gdn_backend.short_conv(qkv, self.conv_weight, batch, pool.conv[layer], decode_only, self.backend)
         q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
         q = q.reshape(T, s.num_k_heads, s.head_k_dim)
@@ -134,48 +134,60 @@ class Attention(nn.Module):
         v = v.reshape(T, s.num_kv_heads, s.head_dim)
         if s.qk_norm:
             q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
-        positions = torch.cat([torch.arange(start, start + (end - begin), device=x.device)
-                               for start, (begin, end) in zip(batch.starts, batch.bounds)])
+        positions = batch.positions
         cos, sin = rope_tables(positions, s.rotary_dim, s.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        out = torch.empty_like(q)
-        for (begin, end), slot in zip(batch.bounds, batch.slot_ids.tolist()):
-            out[begin:end] = self._attend_one(q[begin:end], k[begin:end], v[begin:end],
-                                              positions[begin:end], pool, layer, slot)
+        keys, values = pool.keys[layer], pool.values[layer]  # [slots, max_len, kv_heads, d]
+        keys[batch.token_slots, positions] = k
+        values[batch.token_slots, positions] = v
+        if batch.decode_only:
+            out = self._attend_decode(q, keys, values, batch)
+        else:
+            out = torch.empty_like(q)
+            for (begin, end), start, slot in zip(batch.bounds, batch.starts, batch.slot_ids):
+                length = start + end - begin  # the sequence's positions 0 .. length - 1
+                out[begin:end] = self._attend(q[begin:end], keys[slot, :length], values[slot, :length],
+                                              positions[begin:end])
         out = out.reshape(T, s.num_heads * s.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return out @ self.o_proj.t()
 
-    def _attend_one(self, q, k, v, positions, pool: SlotPool, layer: int, slot: int) -> torch.Tensor:
-        """One sequence: append its new keys/values to its slot, attend, trim to the window."""
-        s = self.spec
-        keys = torch.cat([pool.keys[layer][slot], k])
-        values = torch.cat([pool.values[layer][slot], v])
-        out = self._attend(q, keys, values, positions)
-        if s.window is not None:  # the next query sees only the last window - 1 of these
-            keep_from = max(keys.shape[0] - (s.window - 1), 0)
-            keys, values = keys[keep_from:], values[keep_from:]
-        pool.keys[layer][slot], pool.values[layer][slot] = keys, values
-        return out
+    def _visible(self, query_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """[..., length] mask of the key positions each query may see (causal, within the window)."""
+        key_pos = torch.arange(length, device=query_pos.device)
+        visible = key_pos <= query_pos[..., None]
+        if self.spec.window is not None:
+            visible &= query_pos[..., None] - key_pos < self.spec.window
+        return visible
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
-        """q: [T, heads, d] at `positions`; keys/values: [P, kv_heads, d] ending at positions[-1]."""
+        """One sequence. q: [T, heads, d] at `positions`; keys/values: [P, kv_heads, d] of positions 0..P-1."""
         s = self.spec
-        P = keys.shape[0]
-        key_pos = torch.arange(positions[-1].item() - P + 1, positions[-1].item() + 1, device=q.device)
-        visible = key_pos[None, :] <= positions[:, None]  # [T, P]
-        if s.window is not None:
-            visible &= positions[:, None] - key_pos[None, :] < s.window
         rep = s.num_heads // s.num_kv_heads
         k = keys.repeat_interleave(rep, dim=1).transpose(0, 1)  # [heads, P, d]
         v = values.repeat_interleave(rep, dim=1).transpose(0, 1)
         scores = (q.transpose(0, 1) @ k.transpose(1, 2)) * s.head_dim ** -0.5  # [heads, T, P]
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill(~self._visible(positions, keys.shape[0]), float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         return (probs @ v).transpose(0, 1)  # [T, heads, d]
+
+    def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """One query per sequence, all sequences at once. q: [B, heads, d]; keys/values: the pool's
+        buffers, read for each sequence's slot up to the longest position in the batch."""
+        s = self.spec
+        B, rep = q.shape[0], s.num_heads // s.num_kv_heads
+        length = max(batch.starts) + 1
+        k = keys[batch.slot_ids, :length]  # [B, L, kv_heads, d]
+        v = values[batch.slot_ids, :length]
+        qg = q.view(B, s.num_kv_heads, rep, s.head_dim)
+        scores = torch.einsum("bgrd,blgd->bgrl", qg, k) * s.head_dim ** -0.5
+        visible = self._visible(batch.positions, length)  # [B, L]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.einsum("bgrl,blgd->bgrd", probs, v).reshape(B, s.num_heads, s.head_dim)
 
 
 class MLP(nn.Module):

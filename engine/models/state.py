@@ -8,6 +8,7 @@ single-request generate path and the model tests use.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -17,21 +18,37 @@ from engine.slots import SlotPool
 
 @dataclass(frozen=True)
 class Batch:
+    lens: tuple[int, ...]  # new tokens of each sequence (host copy: no device sync to read it)
+    starts: tuple[int, ...]  # position of each sequence's first new token (tokens already consumed)
     cu_seqlens: torch.Tensor  # int64 [N + 1] on the model's device: sequence i is tokens cu[i]:cu[i+1]
     slot_ids: torch.Tensor  # int64 [N] on the model's device
-    starts: tuple[int, ...]  # position of each sequence's first new token (tokens already consumed)
+    positions: torch.Tensor  # int64 [T]: each token's position in its sequence
+    token_slots: torch.Tensor  # int64 [T]: each token's slot
 
     @classmethod
     def build(cls, seq_lens: list[int], slots: list[int], starts: list[int], device: torch.device) -> "Batch":
         assert len(seq_lens) == len(slots) == len(starts) and min(seq_lens) >= 1
+        lens = torch.tensor(seq_lens)
         cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int64)
-        cu[1:] = torch.tensor(seq_lens).cumsum(0)
-        return cls(cu.to(device), torch.tensor(slots, dtype=torch.int64, device=device), tuple(starts))
+        cu[1:] = lens.cumsum(0)
+        first = torch.tensor(starts).repeat_interleave(lens)
+        positions = first + torch.arange(int(cu[-1])) - cu[:-1].repeat_interleave(lens)
+        token_slots = torch.tensor(slots).repeat_interleave(lens)
+        # One host-to-device copy for all the index tensors.
+        packed = torch.cat([cu, torch.tensor(slots), positions, token_slots]).to(device)
+        n, t = len(seq_lens), int(cu[-1])
+        cu_d, slots_d, pos_d, tok_d = packed.split([n + 1, n, t, t])
+        return cls(tuple(seq_lens), tuple(starts), cu_d, slots_d, pos_d, tok_d)
+
+    @property
+    def decode_only(self) -> bool:
+        """One new token for every sequence: the shapes a CUDA graph can capture."""
+        return len(self.lens) == int(self.positions.shape[0])
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
-        cu = self.cu_seqlens.tolist()
-        return list(zip(cu[:-1], cu[1:]))
+        ends = list(itertools.accumulate(self.lens))
+        return list(zip([0] + ends[:-1], ends))
 
 
 class SequenceState:
