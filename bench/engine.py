@@ -1,0 +1,153 @@
+"""Engine throughput vs transformers `generate` (with fla-core installed) on the same random-weight
+0.65B Qwen3.5-shaped model as ../shared/anchors, in one run on one GPU, plus the memory roofline.
+
+    python bench/engine.py [--batches 1,32,128,512] [--hf-batches 1,32,128] [--new 128] [--prompt 512]
+
+Prints one JSON line per measurement (and appends them to $OUT/engine.jsonl when OUT is set).
+Output tokens/s counts generated tokens over the whole request time (prefill included), as the
+anchor's HF figures do; decode tokens/s and the roofline share are over the decode-only steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from engine.loader import load_model  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from engine.slots import SlotPool  # noqa: E402
+
+SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+             num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+             linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+             full_attention_interval=4, tie_word_embeddings=True)
+
+
+def report(**fields) -> None:
+    line = json.dumps(fields)
+    print(line, flush=True)
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "engine.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+def copy_bandwidth() -> float:
+    x = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 2 * 20 / (time.perf_counter() - start)
+
+
+def build_model(folder: Path):
+    from transformers import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**SHAPE)).to("cuda", torch.bfloat16).eval()
+    model.save_pretrained(folder)
+    write_tiny_tokenizer(folder)
+    return model
+
+
+def run_ours(loaded, batch: int, prompt_len: int, new: int, copy_bw: float) -> None:
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(8192, batch),
+                                            max_model_len=prompt_len + new))
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+
+    def one_pass(tokens: int) -> tuple[float, float, int]:
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=tokens, ignore_eos=True))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        decode_start, decode_steps = None, 0
+        while engine.has_work():
+            prefilling = any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting
+            if not prefilling and decode_start is None:
+                torch.cuda.synchronize()
+                decode_start = time.perf_counter()
+            engine.step()
+            decode_steps += decode_start is not None
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+        return end - start, end - (decode_start or end), decode_steps
+
+    one_pass(4)  # warm-up: Triton compiles, allocator settles
+    total, decode, steps = one_pass(params.max_tokens)
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    state = engine.pool.bytes_per_slot()  # upper bound: attention buffers are read only up to the length
+    gdn_state = sum(t[0].numel() * t.element_size() for t in engine.pool.recurrent if t is not None)
+    step_bytes = weights + batch * 2 * gdn_state  # weights once + recurrent state read and written
+    ideal_step = step_bytes / copy_bw
+    measured_step = decode / max(steps, 1)
+    report(what="deltaserve_engine", B=batch, prompt=prompt_len, new=new, s=round(total, 2),
+           out_tok_s=round(batch * new / total, 1), decode_tok_s=round(batch * steps / decode, 1) if decode else None,
+           step_ms=round(measured_step * 1e3, 3), roofline_step_ms=round(ideal_step * 1e3, 3),
+           roofline_pct=round(100 * ideal_step / measured_step, 1), slot_MiB=round(state / 2**20, 2))
+
+
+def run_hf(model, batch: int, prompt_len: int, new: int) -> None:
+    x = torch.randint(0, SHAPE["vocab_size"], (batch, prompt_len), device="cuda")
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - start
+    report(what="hf_generate_fla", B=batch, prompt=prompt_len, new=new, s=round(dt, 2),
+           out_tok_s=round(batch * new / dt, 1))
+
+
+def capacity(loaded) -> None:
+    """Slots the card holds, and one slot's state at 1K vs 32K context."""
+    dtype = loaded.model.embed.dtype
+    for max_len in (1024, 32768):
+        pool = SlotPool(loaded.config, 1, torch.device("meta"), dtype, max_len)
+        gdn = sum(t[0].numel() * t.element_size() for t in pool.recurrent + pool.conv if t is not None)
+        free, _ = torch.cuda.mem_get_info()
+        report(what="slot_capacity", max_len=max_len, gdn_state_MiB=round(gdn / 2**20, 2),
+               attention_kv_MiB=round((pool.bytes_per_slot() - gdn) / 2**20, 2),
+               slots_in_90pct_free=int(free * 0.9) // pool.bytes_per_slot())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", default="1,32,128,512")
+    parser.add_argument("--hf-batches", default="1,32,128")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=128)
+    args = parser.parse_args()
+    copy_bw = copy_bandwidth()
+    report(what="copy", TBps=round(copy_bw / 1e12, 3), gpu=torch.cuda.get_device_name())
+    folder = Path(tempfile.mkdtemp())
+    hf_model = build_model(folder)
+    report(what="model", params_M=round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1))
+    loaded = load_model(folder, device="cuda", dtype="bfloat16")
+    capacity(loaded)
+    for b in [int(b) for b in args.batches.split(",") if b]:
+        run_ours(loaded, b, args.prompt, args.new, copy_bw)
+    for b in [int(b) for b in args.hf_batches.split(",") if b]:
+        run_hf(hf_model, b, args.prompt, args.new)
+
+
+if __name__ == "__main__":
+    main()
