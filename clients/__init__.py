@@ -1,0 +1,9 @@
+"""Clients for a deltaserve server: a typed Python client (sync and async), the `deltaserve chat` /
+`deltaserve complete` terminal client, and the `deltaserve bench-serve` load generator."""
+
+from clients.client import AsyncClient, AsyncTextStream, Client, Sampling, TextStream
+from clients.types import (Choice, Completion, DeltaserveConnectionError, DeltaserveError, Model, TokenizerInfo,
+                           Tokens, Usage)
+
+__all__ = ["AsyncClient", "AsyncTextStream", "Choice", "Client", "Completion", "DeltaserveConnectionError",
+           "DeltaserveError", "Model", "Sampling", "TextStream", "TokenizerInfo", "Tokens", "Usage"]
