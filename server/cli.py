@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from clients.types import DeltaserveError
 from engine.errors import ModelLoadError
 
 DEVICE_HELP = "where to run: auto (cuda if present, else cpu), cuda, cuda:N or cpu (default: auto)"
@@ -24,6 +25,24 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="Gated DeltaNet kernels: triton (GPU; CPU only under TRITON_INTERPRET=1) or torch "
                         "(the PyTorch reference); auto picks triton on cuda, torch on cpu (default: auto)")
+
+
+def _add_client_options(p: argparse.ArgumentParser, timeout: float) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the running server's address (a trailing /v1 is fine) (default: http://127.0.0.1:8000)")
+    p.add_argument("--model", default=None, help="the served model name to ask for (default: the server's own)")
+    p.add_argument("--timeout", type=float, default=timeout, metavar="SECONDS",
+                   help=f"seconds to wait to connect and between streamed events (default: {timeout:g})")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    default = f"{max_tokens}" if max_tokens is not None else "the server's default"
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default: {default})")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 picks the most likely token (default: 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +93,47 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 30)")
     serve.add_argument("--no-request-log", action="store_true",
                        help="do not write the one JSON line per request to stderr")
+
+    complete = sub.add_parser("complete", help="stream one completion from a running server",
+                              description="Send one prompt to a running deltaserve (or OpenAI-compatible) server "
+                                          "and stream the completion to stdout as it arrives; the token count "
+                                          "and finish reason go to stderr.")
+    _add_client_options(complete, timeout=60)
+    complete.add_argument("--prompt", default=None, help="the prompt text; '-' or no --prompt reads it from stdin")
+    _add_sampling_options(complete, max_tokens=64)
+    complete.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+
+    chat = sub.add_parser("chat", help="chat with a running server in the terminal",
+                          description="An interactive chat with a running server: each stdin line is one user "
+                                      "message, the answer streams to stdout, and the conversation is kept "
+                                      "(/reset forgets it). Ctrl-D (end of input) or Ctrl-C ends.")
+    _add_client_options(chat, timeout=60)
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _add_sampling_options(chat, max_tokens=None)
+    chat.add_argument("--verbose", action="store_true", help="after each answer, its token count on stderr")
+
+    bench = sub.add_parser("bench-serve", help="load a running server and report latency and throughput",
+                           description="Load a running server with streaming completions of synthetic prompts "
+                                       "(exactly --input-len prompt tokens, exactly --output-len output tokens) "
+                                       "and report TTFT, TPOT, inter-token and end-to-end latency percentiles "
+                                       "(p50/p90/p99), throughput and errors. A progress line goes to stderr.")
+    _add_client_options(bench, timeout=300)
+    bench.add_argument("--num-requests", type=int, default=100, help="requests to send in all (default: 100)")
+    bench.add_argument("--concurrency", type=int, default=None,
+                       help="most requests in flight at once; without --request-rate each finished request is "
+                            "replaced at once (default: 8 without --request-rate, else unbounded)")
+    bench.add_argument("--request-rate", type=float, default=None, metavar="PER_SECOND",
+                       help="send requests as a Poisson process at this mean rate (default: off)")
+    bench.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: 128)")
+    bench.add_argument("--output-len", type=int, default=128,
+                       help="generated tokens per request; ignore_eos keeps it exact (default: 128)")
+    bench.add_argument("--seed", type=int, default=0, help="seed for the prompts and arrival times (default: 0)")
+    bench.add_argument("--max-duration", type=float, default=600.0, metavar="SECONDS",
+                       help="stop after this long; requests still running count as unfinished (default: 600)")
+    bench.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                       help="when stderr is not a terminal, write a progress line this often (default: 10)")
+    bench.add_argument("--json", default=None, metavar="FILE",
+                       help="write the whole record (config, per-request timings, summary) to FILE as JSON")
     return parser
 
 
@@ -141,13 +201,29 @@ def run_serve(args: argparse.Namespace) -> None:
     serve(loaded, engine_config, config)
 
 
+def run_complete(args: argparse.Namespace) -> None:
+    from clients.cli_chat import run_complete as complete
+    complete(args)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from clients.cli_chat import run_chat as chat
+    chat(args)
+
+
+def run_bench_serve(args: argparse.Namespace) -> None:
+    from clients.loadgen import run_bench_serve as bench_serve
+    bench_serve(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    commands = {"generate": run_generate, "models": run_models, "serve": run_serve}
+    commands = {"generate": run_generate, "models": run_models, "serve": run_serve, "complete": run_complete,
+                "chat": run_chat, "bench-serve": run_bench_serve}
     try:
         commands[args.command](args)
-    except (ModelLoadError, ValueError) as err:
+    except (ModelLoadError, DeltaserveError, ValueError) as err:
         print(f"deltaserve: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
