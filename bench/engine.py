@@ -117,6 +117,24 @@ def run_hf(model, batch: int, prompt_len: int, new: int) -> None:
            out_tok_s=round(batch * new / dt, 1))
 
 
+def check_graphs(loaded, prompt_len: int) -> None:
+    """Greedy tokens with decode CUDA graphs equal the eager engine's, on this card."""
+    outputs = {}
+    for graphs in (False, True):
+        engine = LLMEngine(loaded, EngineConfig(max_num_seqs=8, max_model_len=prompt_len + 32, decode_graphs=graphs))
+        gen = torch.Generator().manual_seed(1)
+        for i in range(6):
+            prompt = torch.randint(0, SHAPE["vocab_size"], (prompt_len // (i + 1),), generator=gen).tolist()
+            engine.add_request(f"c{i}", prompt, SamplingParams(max_tokens=32, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        while engine.has_work():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(t for c in out.outputs for t in c.token_ids)
+        outputs[graphs] = tokens
+    same = sum(outputs[False][r] == outputs[True][r] for r in outputs[False])
+    report(what="graphs_vs_eager_greedy", requests_identical=same, of=len(outputs[False]))
+
+
 def capacity(loaded) -> None:
     """Slots the card holds, and one slot's state at 1K vs 32K context."""
     dtype = loaded.model.embed.dtype
@@ -143,6 +161,7 @@ def main() -> None:
     report(what="model", params_M=round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1))
     loaded = load_model(folder, device="cuda", dtype="bfloat16")
     capacity(loaded)
+    check_graphs(loaded, args.prompt)
     for b in [int(b) for b in args.batches.split(",") if b]:
         run_ours(loaded, b, args.prompt, args.new, copy_bw)
     for b in [int(b) for b in args.hf_batches.split(",") if b]:

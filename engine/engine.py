@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cuda_graphs import DecodeStep
 from engine.loader import LoadedModel
 from engine.models.state import Batch
 from engine.request import CompletionOutput, Request, RequestOutput, Sequence
@@ -26,6 +27,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step, decodes and prompt chunks together
     max_model_len: int | None = None  # prompt + max_tokens limit; default: the model's own limit
     gpu_memory_utilization: float = 0.9  # share of free GPU memory the slot pool may take
+    # Decode-only steps through engine/cuda_graphs.py: None = on CUDA (captured graphs) only;
+    # True on CPU runs the same padded static path eagerly (tests use it).
+    decode_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -62,7 +66,19 @@ class LLMEngine:
         self.pool = self.model.new_pool(num_slots, self.max_model_len)
         self.scheduler = Scheduler(self.pool, min(config.max_num_seqs, num_slots), config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        self.decode_step = self._make_decode_step()
         log.info("engine: %d slots, %.1f MiB of state each", num_slots, self.pool.bytes_per_slot() / 2**20)
+
+    def _make_decode_step(self) -> DecodeStep | None:
+        on_cuda = self.model.device.type == "cuda"
+        wanted = self.config.decode_graphs if self.config.decode_graphs is not None else on_cuda
+        if not wanted:
+            return None
+        try:
+            return DecodeStep(self.model, self.pool, self.scheduler.max_num_seqs, capture=on_cuda)
+        except Exception as err:  # a model path that cannot be captured: decode eagerly instead
+            log.warning("decode CUDA graphs disabled: %s", err)
+            return None
 
     # ---- requests in and out ----------------------------------------------------------------
 
@@ -123,28 +139,18 @@ class LLMEngine:
             lens.append(chunk.length)
             slots.append(chunk.request.sequences[0].slot)
             starts.append(chunk.start)
-        device = self.model.device
-        batch = Batch.build(lens, slots, starts, device)
-        hidden = self.model(torch.tensor(ids, device=device), batch, self.pool)
-        ends = batch.cu_seqlens[1:].tolist()
-
-        rows: list[int] = []
-        sampled: list[Sequence] = []
-        for seq, end in zip(plan.decodes, ends):
+        for seq in plan.decodes:
             seq.num_computed += 1
             seq.pending_token = None
-            rows.append(end - 1)
-            sampled.append(seq)
-        for chunk, (begin, end) in zip(plan.prefills, batch.bounds[len(plan.decodes):]):
-            self._advance_prefill(chunk, hidden[begin:end])
-            if not chunk.request.prefilling:
-                for seq in chunk.request.sequences:
-                    rows.append(end - 1)
-                    sampled.append(seq)
+        sampled: list[Sequence] = list(plan.decodes)
+        if self.decode_step is not None and not plan.prefills:
+            logits = self.decode_step.run(ids, slots, starts)
+        else:
+            logits = self._eager_forward(plan.prefills, ids, lens, slots, starts, sampled)
 
         touched: dict[str, list[CompletionOutput]] = {}
         if sampled:
-            result = sample_batch(self.model.logits(hidden[rows]), [seq.sampler for seq in sampled])
+            result = sample_batch(logits, [seq.sampler for seq in sampled])
             now = time.monotonic()
             for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
                 seq.request.first_token_time = seq.request.first_token_time or now
@@ -157,6 +163,23 @@ class LLMEngine:
                 del self.requests[request_id]
         self.scheduler.drop_finished()
         return outputs
+
+    def _eager_forward(self, prefills: list[PrefillChunk], ids: list[int], lens: list[int], slots: list[int],
+                       starts: list[int], sampled: list[Sequence]) -> torch.Tensor:
+        """A step with prompt chunks (or without graphs): one forward over the packed tokens; adds the
+        sequences whose prompt completes to `sampled` and returns the logits of every sampled row."""
+        device = self.model.device
+        batch = Batch.build(lens, slots, starts, device)
+        hidden = self.model(torch.tensor(ids, device=device), batch, self.pool)
+        bounds = batch.bounds
+        rows = [end - 1 for _, end in bounds[:len(sampled)]]
+        for chunk, (begin, end) in zip(prefills, bounds[len(sampled):]):
+            self._advance_prefill(chunk, hidden[begin:end])
+            if not chunk.request.prefilling:
+                for seq in chunk.request.sequences:
+                    rows.append(end - 1)
+                    sampled.append(seq)
+        return self.model.logits(hidden[rows])
 
     def _advance_prefill(self, chunk: PrefillChunk, hidden: torch.Tensor) -> None:
         request = chunk.request

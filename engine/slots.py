@@ -6,7 +6,8 @@ give each slot a contiguous key/value buffer of `max_len` positions, written in 
 token's position (paged blocks, which would let short requests use less, are a later step; a
 sliding-window layer uses the same buffer and masks). Allocation and release are O(1) on a free
 list; a slot's recurrent state is zeroed when handed out, and attention never reads a position
-its sequence has not written, so a request never sees what the previous owner left.
+its sequence has not written, so a request never sees what the previous owner left. One extra
+row, `scratch`, is never handed out: padded entries of a fixed-size (CUDA graph) batch point at it.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ class SlotPool:
             raise ValueError("a slot pool needs at least one slot")
         gdn = config.gdn
         self.capacity = num_slots
+        self.scratch = num_slots  # the extra row every per-slot tensor has
         self.max_len = max_len
+        rows = num_slots + 1
         self.conv: list[torch.Tensor | None] = []  # per layer: [slots, conv_dim, conv_kernel - 1]
         self.recurrent: list[torch.Tensor | None] = []  # per layer: [slots, HV, K, V] fp32
         self.keys: list[torch.Tensor | None] = []  # per layer: [slots, max_len, kv_heads, head_dim]
         self.values: list[torch.Tensor | None] = []
         for kind in config.layer_types:
             if kind == LINEAR_ATTENTION:
-                self.conv.append(torch.zeros(num_slots, gdn.conv_dim, gdn.conv_kernel - 1, device=device,
+                self.conv.append(torch.zeros(rows, gdn.conv_dim, gdn.conv_kernel - 1, device=device,
                                              dtype=dtype))
-                self.recurrent.append(torch.zeros(num_slots, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim,
+                self.recurrent.append(torch.zeros(rows, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim,
                                                   device=device, dtype=torch.float32))
                 self.keys.append(None)
                 self.values.append(None)
@@ -40,7 +43,7 @@ class SlotPool:
                 if max_len is None:
                     raise ValueError("a model with attention layers needs a slot pool max_len")
                 attn = config.attention
-                shape = (num_slots, max_len, attn.num_kv_heads, attn.head_dim)
+                shape = (rows, max_len, attn.num_kv_heads, attn.head_dim)
                 self.conv.append(None)
                 self.recurrent.append(None)
                 self.keys.append(torch.zeros(shape, device=device, dtype=dtype))

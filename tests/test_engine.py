@@ -72,6 +72,19 @@ def test_greedy_output_is_the_same_alone_and_among_many(loaded):
     assert engine.pool.num_free == engine.pool.capacity and not engine.requests
 
 
+def test_static_decode_path_gives_the_eager_output(loaded):
+    # The padded fixed-size decode step that CUDA graphs capture, run eagerly: padding rows go to
+    # the scratch slot, attention reads whole slot buffers masked by position.
+    prompts = {f"r{i}": _prompt(n, 40 + i) for i, n in enumerate([3, 70, 20, 9, 45])}
+    arrivals = {0: [(rid, p, GREEDY) for rid, p in list(prompts.items())[:3]],
+                4: [(rid, p, GREEDY) for rid, p in list(prompts.items())[3:]]}
+    eager = _drive(LLMEngine(loaded, EngineConfig(max_num_seqs=6, decode_graphs=False)), arrivals)
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=6, decode_graphs=True))
+    assert engine.decode_step is not None and engine.decode_step.sizes == [1, 2, 4, 6]
+    static = _drive(engine, arrivals, check=_slots_unique)
+    assert static == eager
+
+
 def test_aborts_free_slots_mid_prefill_and_mid_decode(loaded):
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16))
     engine.add_request("short", _prompt(4, 2), GREEDY)

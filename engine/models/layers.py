@@ -179,7 +179,7 @@ class Attention(nn.Module):
         buffers, read for each sequence's slot up to the longest position in the batch."""
         s = self.spec
         B, rep = q.shape[0], s.num_heads // s.num_kv_heads
-        length = max(batch.starts) + 1
+        length = batch.attn_len or max(batch.starts) + 1
         k = keys[batch.slot_ids, :length]  # [B, L, kv_heads, d]
         v = values[batch.slot_ids, :length]
         qg = q.view(B, s.num_kv_heads, rep, s.head_dim)

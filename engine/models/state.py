@@ -24,6 +24,9 @@ class Batch:
     slot_ids: torch.Tensor  # int64 [N] on the model's device
     positions: torch.Tensor  # int64 [T]: each token's position in its sequence
     token_slots: torch.Tensor  # int64 [T]: each token's slot
+    # Positions decode attention reads per sequence; None: up to the longest sequence in the batch.
+    # A CUDA graph fixes it to the pool's max_len, so one captured step serves every length.
+    attn_len: int | None = None
 
     @classmethod
     def build(cls, seq_lens: list[int], slots: list[int], starts: list[int], device: torch.device) -> "Batch":
