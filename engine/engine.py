@@ -129,19 +129,18 @@ class LLMEngine:
         if plan.empty:
             return []
         ids, lens, slots, starts = [], [], [], []
-        for seq in plan.decodes:
+        for seq in plan.decodes:  # feed the last sampled token; its effect is in the slot after this step
             ids.append(seq.pending_token)
             lens.append(1)
             slots.append(seq.slot)
             starts.append(seq.num_computed)
+            seq.num_computed += 1
+            seq.pending_token = None
         for chunk in plan.prefills:
             ids.extend(chunk.request.prompt_ids[chunk.start:chunk.start + chunk.length])
             lens.append(chunk.length)
             slots.append(chunk.request.sequences[0].slot)
             starts.append(chunk.start)
-        for seq in plan.decodes:
-            seq.num_computed += 1
-            seq.pending_token = None
         sampled: list[Sequence] = list(plan.decodes)
         if self.decode_step is not None and not plan.prefills:
             logits = self.decode_step.run(ids, slots, starts)
