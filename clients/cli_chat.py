@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from clients.client import Client, Sampling, TextStream
+from clients.client import Client, Sampling
+from clients.streams import TextStream
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:

@@ -157,7 +157,7 @@ async def _drive(client: AsyncClient, model: str, prompts: list[list[int]], reco
     tasks: list[asyncio.Task] = []
     next_at = 0.0
     try:
-        for prompt, record in zip(prompts, records):
+        for prompt, record in zip(prompts, records, strict=True):
             if config.request_rate is not None:
                 await asyncio.sleep(max(0.0, start + next_at - time.perf_counter()))
                 next_at += rng.expovariate(config.request_rate)

@@ -1,6 +1,7 @@
 """The Python client (clients.Client / AsyncClient) against a live server on 127.0.0.1."""
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -149,3 +150,21 @@ def test_an_error_event_inside_a_stream_is_raised_without_status():
             seen.append(delta)
     assert seen == ["ab"] and err.value.status is None and err.value.message == "boom"
     assert err.value.type == "internal_server_error"
+
+
+def _aborted_choices(url: str) -> float:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines
+               if line.startswith("deltaserve:request_success_total{") and 'finished_reason="abort"' in line)
+
+
+def test_closing_a_stream_early_aborts_the_request_on_the_server(server, client):
+    before = _aborted_choices(server.url)
+    with client.stream_complete("forever", max_tokens=200, ignore_eos=True) as stream:
+        assert next(iter(stream))
+    deadline = time.monotonic() + 10
+    while _aborted_choices(server.url) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _aborted_choices(server.url) == before + 1
+    stats = server.state.engine.stats()
+    assert stats.num_running == 0 and stats.slots_used == 0
