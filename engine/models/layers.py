@@ -164,30 +164,22 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
-        """One sequence. q: [T, heads, d] at `positions`; keys/values: [P, kv_heads, d] of positions 0..P-1."""
-        s = self.spec
-        rep = s.num_heads // s.num_kv_heads
-        k = keys.repeat_interleave(rep, dim=1).transpose(0, 1)  # [heads, P, d]
-        v = values.repeat_interleave(rep, dim=1).transpose(0, 1)
-        scores = (q.transpose(0, 1) @ k.transpose(1, 2)) * s.head_dim ** -0.5  # [heads, T, P]
-        scores = scores.masked_fill(~self._visible(positions, keys.shape[0]), float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        return (probs @ v).transpose(0, 1)  # [T, heads, d]
+        """One sequence. q: [T, heads, d] at `positions`; keys/values: [P, kv_heads, d] of positions 0..P-1.
+        SDPA with a boolean mask: on a GPU it never materialises the [heads, T, P] scores in fp32."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=self._visible(positions, keys.shape[0]), enable_gqa=True)
+        return out.transpose(0, 1)  # [T, heads, d]
 
     def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
         """One query per sequence, all sequences at once. q: [B, heads, d]; keys/values: the pool's
         buffers, read for each sequence's slot up to the longest position in the batch."""
-        s = self.spec
-        B, rep = q.shape[0], s.num_heads // s.num_kv_heads
         length = batch.attn_len or max(batch.starts) + 1
-        k = keys[batch.slot_ids, :length]  # [B, L, kv_heads, d]
-        v = values[batch.slot_ids, :length]
-        qg = q.view(B, s.num_kv_heads, rep, s.head_dim)
-        scores = torch.einsum("bgrd,blgd->bgrl", qg, k) * s.head_dim ** -0.5
-        visible = self._visible(batch.positions, length)  # [B, L]
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        return torch.einsum("bgrl,blgd->bgrd", probs, v).reshape(B, s.num_heads, s.head_dim)
+        k = keys[batch.slot_ids, :length].transpose(1, 2)  # [B, kv_heads, L, d]
+        v = values[batch.slot_ids, :length].transpose(1, 2)
+        visible = self._visible(batch.positions, length)[:, None, None, :]  # [B, 1, 1, L]
+        out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible, enable_gqa=True)
+        return out[:, :, 0, :]  # [B, heads, d]
 
 
 class MLP(nn.Module):
