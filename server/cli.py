@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 30)")
     serve.add_argument("--no-request-log", action="store_true",
                        help="do not write the one JSON line per request to stderr")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                       help="share of the GPU memory free after loading that the slot pool may take; fewer "
+                            "slots than --max-num-seqs start (with a warning) when they do not fit (default: 0.9)")
+    serve.add_argument("--no-cuda-graphs", action="store_true",
+                       help="run decode steps eagerly on CUDA instead of replaying captured CUDA graphs "
+                            "(slower; for debugging)")
 
     complete = sub.add_parser("complete", help="stream one completion from a running server",
                               description="Send one prompt to a running deltaserve (or OpenAI-compatible) server "
@@ -191,7 +197,8 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.drain_timeout < 0:
         raise ValueError("--drain-timeout must be >= 0")
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 max_model_len=args.max_model_len)
+                                 max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                                 decode_graphs=False if args.no_cuda_graphs else None)
     model_dir = _model_dir(args.model)
     names = tuple(args.served_model_name or (["deltaserve-demo"] if args.model is None else []))
     config = ServerConfig(host=args.host, port=args.port, served_model_names=names,

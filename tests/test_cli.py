@@ -64,3 +64,12 @@ def test_bad_model_folder_is_one_error_line_and_status_2(tmp_path):
 def test_bad_sampling_option_is_a_clear_error(capsys):
     assert main(["generate", "--prompt", "hi", "--top-p", "0", "--device", "cpu"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_serve_exposes_engine_limits_and_rejects_bad_ones(capsys):
+    text = _run("serve", "--help").stdout
+    for option in ("--max-num-seqs", "--max-num-batched-tokens", "--max-model-len", "--gpu-memory-utilization",
+                   "--no-cuda-graphs", "--max-queued-requests", "--drain-timeout"):
+        assert option in text
+    assert main(["serve", "--gpu-memory-utilization", "1.5", "--device", "cpu"]) == 2
+    assert "gpu_memory_utilization" in capsys.readouterr().err
