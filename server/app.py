@@ -7,6 +7,8 @@ from importlib import metadata
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from server import errors
 from server.chat import ChatWriter
@@ -14,17 +16,33 @@ from server.completions import CompletionWriter
 from server.errors import APIError, bad_request
 from server.generation import ClientGone, Generation
 from server.params import chat_params, chat_prompt, chat_request_prompt, completion_params, completion_prompts
-from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                             DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
-                             TokenizeRequest, TokenizeResponse, TokenizerInfo, VersionResponse)
+from server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChunk,
+                             CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+                             ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
+                             VersionResponse)
 from server.state import ServerState
 from server.streaming import event_stream
 
 _ERR = {"model": ErrorResponse}
-_SSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
-GENERATE_RESPONSES = {200: _SSE, 400: _ERR, 404: _ERR, 499: _ERR, 500: _ERR, 503: _ERR}
 TOKENIZER_RESPONSES = {400: _ERR, 404: _ERR, 500: _ERR}
 CLIENT_CLOSED = 499  # nginx's status for "the client went away": the response is never seen
+COMPONENTS = "#/components/schemas/{model}"
+_STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)  # in no route's signature, so added to the schema here
+
+
+def _sse(chunk: type[BaseModel]) -> dict:
+    """A stream's 200: every event's data is a chunk, or an error object after a late failure, and the last
+    event's is [DONE]. OpenAPI 3.1 has no itemSchema, so `schema` describes one event, as schemathesis reads it."""
+    json_data = {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [{"$ref": COMPONENTS.format(model=chunk.__name__)},
+                                             {"$ref": COMPONENTS.format(model=ErrorResponse.__name__)}]}}
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+    return {"content": {"text/event-stream": {"schema": event}}}
+
+
+def _generate_responses(chunk: type[BaseModel]) -> dict:
+    return {200: _sse(chunk), 400: _ERR, 404: _ERR, 499: _ERR, 500: _ERR, 503: _ERR}
 
 
 def version() -> str:
@@ -39,9 +57,9 @@ def build_app(state: ServerState) -> FastAPI:
                   description="OpenAI-compatible server for Gated DeltaNet models.")
     app.state.server = state
     errors.install(app)
-    _drop_default_422(app)
+    _finish_openapi(app)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=GENERATE_RESPONSES)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_generate_responses(CompletionChunk))
     async def completions(body: CompletionRequest, raw: Request):
         state.check_model(body.model)
         prompts = completion_prompts(body, state.tokenizer)
@@ -50,7 +68,8 @@ def build_app(state: ServerState) -> FastAPI:
         writer = CompletionWriter(gen, body)
         return await _answer(gen, raw, body.stream, writer.chunks, writer.response)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=GENERATE_RESPONSES)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=_generate_responses(ChatCompletionChunk))
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         state.check_model(body.model)
         prompt = chat_request_prompt(body, state.tokenizer)
@@ -131,8 +150,9 @@ async def _answer(gen: Generation, raw: Request, stream: bool, chunks, response)
         gen.close()
 
 
-def _drop_default_422(app: FastAPI) -> None:
-    """FastAPI documents a 422 on every route with a body; this server answers 400 instead."""
+def _finish_openapi(app: FastAPI) -> None:
+    """FastAPI documents a 422 on every route with a body; this server answers 400 instead. And it
+    knows nothing of the stream chunks that the SSE responses refer to."""
     build = app.openapi
 
     def openapi() -> dict:
@@ -141,8 +161,13 @@ def _drop_default_422(app: FastAPI) -> None:
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            _, chunks = models_json_schema([(model, "serialization") for model in _STREAM_CHUNKS],
+                                           ref_template=COMPONENTS)
+            for name, definition in chunks["$defs"].items():
+                components.setdefault(name, definition)
             app.openapi_schema = schema
         return app.openapi_schema
 

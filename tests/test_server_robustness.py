@@ -9,6 +9,9 @@ import time
 
 import httpx
 import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from engine.engine import EngineConfig
 from server_harness import MODEL_NAME, ThreadServer, write_tiny_model
@@ -68,6 +71,48 @@ def test_openapi_schema_documents_400_not_422(server):
     schema = httpx.get(f"{server.url}/openapi.json").json()
     responses = schema["paths"]["/v1/completions"]["post"]["responses"]
     assert "400" in responses and "503" in responses and "422" not in responses
+
+
+OPENAPI_ID = "urn:deltaserve:openapi"
+
+
+def _validator(openapi: dict, pointer: str) -> Draft202012Validator:
+    """A validator for the schema at `pointer` in the OpenAPI document; its #/components/... refs resolve there."""
+    registry = Registry().with_resource(OPENAPI_ID, Resource.from_contents(openapi, default_specification=DRAFT202012))
+    return Draft202012Validator({"$ref": f"{OPENAPI_ID}#{pointer}"}, registry=registry)
+
+
+def _content_schema_pointers(schema, pointer: str) -> list[str]:
+    """Where the schema says what a string holding JSON must match once parsed (its contentSchema keywords)."""
+    items = schema.items() if isinstance(schema, dict) else enumerate(schema) if isinstance(schema, list) else ()
+    found = []
+    for key, value in items:
+        inner = f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}"
+        found += [inner] if key == "contentSchema" else _content_schema_pointers(value, inner)
+    return found
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 4, "logprobs": 2, "stream": True,
+                         "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": True,
+                              "top_logprobs": 2, "stream": True, "stream_options": {"include_usage": True}}),
+])
+def test_every_stream_event_matches_the_event_schema_openapi_declares(server, route, body):
+    openapi = httpx.get(f"{server.url}/openapi.json").json()
+    pointer = f"/paths/{route.replace('/', '~1')}/post/responses/200/content/text~1event-stream/schema"
+    declared = openapi["paths"][route]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    event_schema = _validator(openapi, pointer)
+    payload_schemas = [_validator(openapi, p) for p in _content_schema_pointers(declared, pointer)]
+    reply = httpx.post(f"{server.url}{route}", json={**body, "ignore_eos": True}, timeout=30)
+    events = [{"data": line[len("data: "):]} for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == {"data": "[DONE]"} and len(events) > 3
+    for event in events:  # an event as an SSE parser hands it over: {"data": ...}
+        event_schema.validate(event)
+    assert payload_schemas, "the event schema says nothing of the JSON its data carries"
+    for event in events[:-1]:
+        chunk = json.loads(event["data"])
+        assert any(schema.is_valid(chunk) for schema in payload_schemas), chunk
 
 
 def test_disconnect_storm_frees_every_slot_and_the_server_still_answers(server):
