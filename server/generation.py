@@ -232,11 +232,13 @@ class Generation:
 
     def _log(self) -> None:
         firsts = [t.first_token for t in self.tracks if t.first_token is not None]
+        # a refused request has no choices, and its n is unchecked: it may be 10**30
+        choices = len(self.prompts) * self.params.n if self._feeders else 0
         request_log.info(json.dumps({
             "request_id": self.id, "route": self.route, "status": self.status,
             "prompts": len(self.prompts), "n": self.params.n,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "ttft_s": round(min(firsts) - self.arrival, 4) if firsts else None,
             "latency_s": round(time.monotonic() - self.arrival, 4),
-            "finish_reasons": [self.finish_reasons.get(i) for i in range(len(self.prompts) * self.params.n)],
+            "finish_reasons": [self.finish_reasons.get(i) for i in range(choices)],
         }))

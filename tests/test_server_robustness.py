@@ -2,7 +2,9 @@
 an error object (or cost nothing), free its slots, and leave the server answering."""
 
 import asyncio
+import contextlib
 import json
+import logging
 import re
 import threading
 import time
@@ -113,6 +115,33 @@ def test_every_stream_event_matches_the_event_schema_openapi_declares(server, ro
     for event in events[:-1]:
         chunk = json.loads(event["data"])
         assert any(schema.is_valid(chunk) for schema in payload_schemas), chunk
+
+
+@contextlib.contextmanager
+def _request_log_lines():
+    """The server's per-request JSON log lines, as dicts, while the block runs."""
+    lines: list[dict] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(json.loads(record.getMessage()))
+    logger = logging.getLogger("deltaserve.requests")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_a_refused_request_logs_no_choices_so_a_huge_n_costs_nothing(server):
+    with _request_log_lines() as lines:
+        reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 9})
+    assert reply.status_code == 400 and "n=9" in _error_object(reply)["message"]
+    assert lines[-1]["status"] == 400 and lines[-1]["finish_reasons"] == []
+    # the log line once held n entries, so this one took all memory
+    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 10**30}, timeout=10)
+    assert reply.status_code == 400 and f"n={10**30}" in _error_object(reply)["message"]
 
 
 def test_disconnect_storm_frees_every_slot_and_the_server_still_answers(server):
