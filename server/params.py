@@ -5,6 +5,7 @@ Every user mistake found here is an APIError(400) naming the field, before anyth
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 from engine.sampling import SamplingParams
@@ -87,7 +88,7 @@ def _sampling(request: SamplingFields, max_tokens: int, logprobs: int | None,
     stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     bias = {}
     for key, value in (request.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
+        if not re.fullmatch(r"-?[0-9]+", key):  # not isdigit(): "²" is a digit that int() refuses
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
         bias[int(key)] = value
     try:

@@ -117,6 +117,16 @@ def test_every_stream_event_matches_the_event_schema_openapi_declares(server, ro
         assert any(schema.is_valid(chunk) for schema in payload_schemas), chunk
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "x"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+])
+def test_logit_bias_keys_that_are_digits_but_not_numbers_are_a_400(server, route, body):
+    for key in ("\u00b2", "\u0663", "1_0", " 1"):  # superscript two, Arabic-Indic three: isdigit() says yes
+        reply = httpx.post(f"{server.url}{route}", json={**body, "max_tokens": 1, "logit_bias": {key: 1}})
+        assert reply.status_code == 400 and _error_object(reply)["param"] == "logit_bias", (key, reply.text)
+
+
 @contextlib.contextmanager
 def _request_log_lines():
     """The server's per-request JSON log lines, as dicts, while the block runs."""
