@@ -5,6 +5,7 @@ Every user mistake found here is an APIError(400) naming the field, before anyth
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import fields
 
@@ -16,6 +17,9 @@ from server.protocol import ChatCompletionRequest, ChatMessage, CompletionReques
 # max_tokens when a chat request names none and the model has no context limit (pure Gated DeltaNet)
 UNBOUNDED_DEFAULT_MAX_TOKENS = 4096
 _PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
+# apply_chat_template's named arguments (self, messages, ...): chat_template_kwargs naming one is a TypeError there
+_TEMPLATE_ARGUMENTS = {name for name, p in inspect.signature(Tokenizer.apply_chat_template).parameters.items()
+                       if p.kind is not p.VAR_KEYWORD}
 
 
 def completion_prompts(request: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
@@ -47,6 +51,10 @@ def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer, add_generatio
 
 def chat_request_prompt(request: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
     extra = dict(request.chat_template_kwargs or {})
+    taken = sorted(_TEMPLATE_ARGUMENTS & extra.keys())
+    if taken:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields do",
+                          "chat_template_kwargs")
     if request.tools is not None:
         extra["tools"] = request.tools
     return chat_prompt(request.messages, tokenizer, request.add_generation_prompt, extra)

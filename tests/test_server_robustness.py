@@ -127,6 +127,16 @@ def test_logit_bias_keys_that_are_digits_but_not_numbers_are_a_400(server, route
         assert reply.status_code == 400 and _error_object(reply)["param"] == "logit_bias", (key, reply.text)
 
 
+def test_chat_template_kwargs_naming_the_requests_own_fields_is_a_400(server):
+    for key in ("add_generation_prompt", "messages"):
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "chat_template_kwargs": {key: False}})
+        assert reply.status_code == 400 and _error_object(reply)["param"] == "chat_template_kwargs", reply.text
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "chat_template_kwargs": {"flag": True}})
+    assert reply.status_code == 200
+
+
 @contextlib.contextmanager
 def _request_log_lines():
     """The server's per-request JSON log lines, as dicts, while the block runs."""
