@@ -118,10 +118,13 @@ def chunk_gated_delta_rule(
     for n in plan.num_active:
         ids = slice(begin, begin + n)
         begin += n
-        S = state[:n]  # a view of the state entering these chunks, advanced in place below
+        S = state[:n]  # the state entering these chunks
         v_new = intra.u[ids] - intra.w[ids] @ S  # [n, HV, C, V]
         o[ids] = intra.q_decayed[ids] @ S + intra.attn[ids] @ v_new
-        S.mul_(intra.decay_all[ids]).add_(intra.k_to_end[ids].transpose(-1, -2) @ v_new)
+        # A new tensor rather than an in-place update, so autograd can differentiate through the
+        # hand-off (engine/default_model trains with this function); the state is small.
+        S = S * intra.decay_all[ids] + intra.k_to_end[ids].transpose(-1, -2) @ v_new
+        state = torch.cat([S, state[n:]]) if n < state.shape[0] else S
     final_state = torch.empty_like(state)
     final_state[plan.order] = state
 
