@@ -7,10 +7,12 @@ Response models exist for the OpenAPI schema and for building answers with named
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer, model_validator
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str only as a lone one: JSON pairs decode to one code point
 TokenIds = list[StrictInt]
 Prompt = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
@@ -19,11 +21,38 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class _Body(_Request):
+    """A whole request body. JSON may spell a lone surrogate ("\\udc00"): valid JSON, but no text, so no
+    tokenizer takes it and no UTF-8 answer can echo it; refused here, wherever in the body it is."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            raise ValueError(f"{where or 'the body'} holds a lone surrogate (\\ud800-\\udfff), which is not text")
+        return data
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) in a parsed JSON value that is not valid Unicode text."""
+    if isinstance(value, str):
+        return None if value.isascii() or not _SURROGATE.search(value) else path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return f"a key in {path or 'the body'}"
+        found = _lone_surrogate(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found is not None:
+            return found
+    return None
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
+class SamplingFields(_Body):
     """Sampling fields shared by both generation routes (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
@@ -81,7 +110,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
@@ -89,7 +118,7 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: TokenIds
 

@@ -137,6 +137,26 @@ def test_chat_template_kwargs_naming_the_requests_own_fields_is_a_400(server):
     assert reply.status_code == 200
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "a\udc00", "max_tokens": 1}),
+    ("/v1/completions", {"prompt": ["ok", "\ud800"], "max_tokens": 1, "echo": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "name": "\udc00"}]}),
+    ("/tokenize", {"prompt": "\udc00"}),
+    ("/tokenize", {"messages": [{"role": "user", "content": "\udc00"}]}),
+])
+def test_a_lone_surrogate_anywhere_in_the_body_is_a_400(server, route, body):
+    raw = json.dumps(body)  # ASCII, the surrogate spelled "\udc00": valid JSON, but not text
+    reply = httpx.post(f"{server.url}{route}", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "lone surrogate" in _error_object(reply)["message"], reply.text
+
+
+def test_a_surrogate_pair_is_text(server):
+    raw = json.dumps({"prompt": "\U0001F600", "max_tokens": 1, "echo": True})  # spelled "\ud83d\ude00"
+    reply = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"].startswith("\U0001F600")
+
+
 @contextlib.contextmanager
 def _request_log_lines():
     """The server's per-request JSON log lines, as dicts, while the block runs."""
