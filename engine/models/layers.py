@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import AttentionSpec, GDNSpec, MoESpec
-from engine.models import gdn_backend
+from engine.models import attention, gdn_backend
 from engine.models.state import Batch
 from engine.slots import SlotPool
 
@@ -142,44 +142,14 @@ class Attention(nn.Module):
         keys[batch.token_slots, positions] = k
         values[batch.token_slots, positions] = v
         if batch.decode_only:
-            out = self._attend_decode(q, keys, values, batch)
+            length = batch.attn_len or max(batch.starts) + 1
+            out = attention.attend_decode(q, positions, keys, values, batch.slot_ids, length, s.window)
         else:
-            out = torch.empty_like(q)
-            for (begin, end), start, slot in zip(batch.bounds, batch.starts, batch.slot_ids):
-                length = start + end - begin  # the sequence's positions 0 .. length - 1
-                out[begin:end] = self._attend(q[begin:end], keys[slot, :length], values[slot, :length],
-                                              positions[begin:end])
+            out = attention.attend_groups(q, positions, keys, values, batch.attention_groups, s.window)
         out = out.reshape(T, s.num_heads * s.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return out @ self.o_proj.t()
-
-    def _visible(self, query_pos: torch.Tensor, length: int) -> torch.Tensor:
-        """[..., length] mask of the key positions each query may see (causal, within the window)."""
-        key_pos = torch.arange(length, device=query_pos.device)
-        visible = key_pos <= query_pos[..., None]
-        if self.spec.window is not None:
-            visible &= query_pos[..., None] - key_pos < self.spec.window
-        return visible
-
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
-        """One sequence. q: [T, heads, d] at `positions`; keys/values: [P, kv_heads, d] of positions 0..P-1.
-        SDPA with a boolean mask: on a GPU it never materialises the [heads, T, P] scores in fp32."""
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-            attn_mask=self._visible(positions, keys.shape[0]), enable_gqa=True)
-        return out.transpose(0, 1)  # [T, heads, d]
-
-    def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """One query per sequence, all sequences at once. q: [B, heads, d]; keys/values: the pool's
-        buffers, read for each sequence's slot up to the longest position in the batch."""
-        length = batch.attn_len or max(batch.starts) + 1
-        k = keys[batch.slot_ids, :length].transpose(1, 2)  # [B, kv_heads, L, d]
-        v = values[batch.slot_ids, :length].transpose(1, 2)
-        visible = self._visible(batch.positions, length)[:, None, None, :]  # [B, 1, 1, L]
-        out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=visible, enable_gqa=True)
-        return out[:, :, 0, :]  # [B, heads, d]
 
 
 class MLP(nn.Module):

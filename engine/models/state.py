@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from engine.models.attention import QueryGroup, query_groups
 from engine.slots import SlotPool
 
 
@@ -47,6 +49,11 @@ class Batch:
     def decode_only(self) -> bool:
         """One new token for every sequence: the shapes a CUDA graph can capture."""
         return len(self.lens) == int(self.positions.shape[0])
+
+    @cached_property
+    def attention_groups(self) -> list[QueryGroup]:
+        """The batch's sequences as attention groups (models/attention.py), built once per forward."""
+        return query_groups(self.lens, self.starts, self.slot_ids)
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
