@@ -115,9 +115,17 @@ class SequenceSampler:
         self._counts: torch.Tensor | None = None  # [vocab] fp32 occurrences in the output, once penalties need it
         self._seen: torch.Tensor | None = None  # [vocab] bool: in the prompt or the output
         self._counted = 0  # output_ids[:_counted] are in _counts and _seen
+        # greedy, nothing that changes the logits and nothing read back from them: the argmax is all
+        self._plain_greedy = (params.greedy and not self.has_penalties and not params.logit_bias
+                              and params.logprobs is None)
 
     def append(self, token_id: int) -> None:
         self.output_ids.append(token_id)
+
+    @property
+    def argmax_only(self) -> bool:
+        """This step's token is the argmax of the raw logits (min_tokens, while it bans tokens, changes them)."""
+        return self._plain_greedy and (len(self.output_ids) >= self.params.min_tokens or not self._banned_early)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self._seed is not None and self._generator is None:
@@ -160,20 +168,25 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> Batch
     """
     assert logits.dim() == 2 and logits.shape[0] == len(samplers), (tuple(logits.shape), len(samplers))
     assert all(s.vocab_size == logits.shape[1] for s in samplers), "logits width is not the vocabulary size"
-    logits = logits.to(torch.float32, copy=True)  # [B, vocab], changed in place below
-    _apply_penalties(logits, samplers)
-    _apply_logit_bias(logits, samplers)
-    _apply_min_tokens(logits, samplers)
+    if all(s.argmax_only for s in samplers):
+        # The common serving case: no copy of the [B, vocab] logits; only the [B] token ids reach the host.
+        return BatchSample(logits.argmax(dim=-1).tolist(), [None] * len(samplers))
+    if any(s.has_penalties or s.params.logit_bias or len(s.output_ids) < s.params.min_tokens for s in samplers):
+        logits = logits.to(torch.float32, copy=True)  # [B, vocab], changed in place below
+        _apply_penalties(logits, samplers)
+        _apply_logit_bias(logits, samplers)
+        _apply_min_tokens(logits, samplers)
+    else:
+        logits = logits.float()  # read only from here on: no copy when it is fp32 already
 
-    tokens = torch.empty(len(samplers), dtype=torch.long, device=logits.device)  # [B]
-    greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
     drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
-    if greedy:
-        rows = _index(greedy, logits.device)
-        tokens[rows] = logits[rows].argmax(dim=-1)
+    if len(drawn) < len(samplers):
+        tokens = logits.argmax(dim=-1)  # [B]; the drawn rows are overwritten below
+    else:
+        tokens = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
     if drawn:
         rows = _index(drawn, logits.device)
-        tokens[rows] = _draw(logits[rows], [samplers[i] for i in drawn])
+        tokens[rows] = _draw(logits[rows] if len(drawn) < len(samplers) else logits, [samplers[i] for i in drawn])
     return BatchSample(tokens.tolist(), _logprobs(logits, tokens, samplers))
 
 

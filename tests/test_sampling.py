@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.sampling import SamplingParams, SequenceSampler, prompt_logprobs, sample_batch
 
@@ -35,6 +36,45 @@ def test_greedy_takes_the_argmax_and_leaves_the_logits_alone():
     assert out.token_ids == logits.argmax(dim=-1).tolist()
     assert out.logprobs == [None] * 6
     assert torch.equal(logits, before)
+
+
+class _Outputs(TorchDispatchMode):
+    """Records the shape of every new tensor a torch op makes (not views or returns of its inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        self.shapes += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_an_all_greedy_batch_makes_no_vocab_sized_tensor():
+    # The serving fast path: argmax on the logits where they are, only the [B] ids go to the host.
+    logits = _logits(8)
+    samplers = [_sampler(min_tokens=i % 2) for i in range(8)]  # min_tokens 1 with no output yet bans EOS...
+    plain = logits[::2]  # ...so only the min_tokens=0 rows are plain argmax
+    with _Outputs() as ops:
+        sample_batch(plain, samplers[::2])
+    assert ops.shapes and all(shape == (4,) for shape in ops.shapes), ops.shapes
+    with _Outputs() as ops:
+        tokens = sample_batch(logits, samplers).token_ids
+    assert (8, VOCAB) in ops.shapes  # EOS banned in half the rows: those logits are processed
+    expected = logits.clone()
+    expected[1::2, EOS] = float("-inf")
+    assert tokens == expected.argmax(dim=-1).tolist()
+
+
+def test_a_batch_without_penalties_bias_or_min_tokens_does_not_copy_the_logits():
+    logits = _logits(4)
+    samplers = [_sampler(), _sampler(temperature=1.0, seed=1), _sampler(logprobs=2), _sampler(temperature=0.5)]
+    with _Outputs() as ops:
+        sample_batch(logits, samplers)
+    assert ops.shapes.count((4, VOCAB)) == 0  # read in place; only the drawn rows [2, vocab] are computed on
 
 
 @pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 1e-6}])
