@@ -1,17 +1,17 @@
 """Prefill kernel benchmark: ours (kernels/chunk.py) vs fla-core's chunk_gated_delta_rule, same card,
-same inputs, same run. Checks both against the fp32 reference first, then times with do_bench
-(median) and prints Mtok/s and the ratio ours / fla. Writes JSON to $OUT/prefill.json if OUT is set.
+same inputs, same run. Checks ours (and fla, with --check-fla) against the fp32 reference first,
+then times with do_bench (median): eagerly and as a CUDA graph replay (GPU time only, the
+kernel-to-kernel comparison), and prints Mtok/s and the ratio ours / fla. Writes JSON to
+$OUT/prefill_<shape>.json if OUT is set.
 
-    python bench/kernels_prefill.py [--sweep] [--profile] [--quick]
+    python bench/kernels_prefill.py --shape i [--layouts T=8192,16x4096] [--sweep] [--profile]
+        [--no-fla] [--no-check]
 
---sweep also times every StateConfig in a small grid (the state kernel's launch shape) per row;
---profile prints per-kernel GPU times of one call of each, from torch.profiler.
-Ours is timed as the engine calls it (chunk plan built once per batch, as fla caches its chunk
-indices per cu_seqlens), with the plan rebuilt per call, and as a CUDA graph replay (no launch
-overhead); fla eagerly and, where capture works, as a graph too.
-One shape with all four layouts takes over 105 s on an H200 (fla's autotuning and compiles take
-most of it): run one process per shape (--shape 0/1/2) with about 200 s each, and the
-correctness check alone with --shape 9.
+--sweep times ChunkConfig variants (one kernel's launch shape changed at a time) as graph
+replays and keeps the best per kernel; --profile prints per-kernel GPU times of one call of
+each, from torch.profiler. Ours is timed as the engine calls it (chunk plan built once per
+batch, as fla caches its chunk indices per cu_seqlens). fla's autotuning and compiles take most
+of the time of a shape: run one process per shape.
 """
 
 import argparse
@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import triton
@@ -28,9 +29,9 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kernels import reference  # noqa: E402
 from kernels.chunk import (  # noqa: E402
-    StateConfig,
+    ChunkConfig,
     chunk_gated_delta_rule_prefill,
-    pick_state_config,
+    pick_config,
     plan_chunks,
 )
 
@@ -158,32 +159,81 @@ def profile(fn, label):
                                               sorted(times.items(), key=lambda x: -x[1])[:8]))
 
 
+def sweep_variants(base, K, V):
+    """ChunkConfig variants of base, one kernel's launch shape changed at a time."""
+    out = []
+    for bv, nw, ns in [(32, 2, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2),
+                       (32, 2, 3), (64, 2, 2), (16, 4, 2)]:
+        out.append(("state", replace(base, state_bv=min(bv, max(16, V)), state_warps=nw,
+                                     state_stages=ns)))
+    for bv, bk, nw, ns in [(64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3),
+                           (64, 128, 8, 3), (32, 128, 4, 2), (128, 128, 4, 2)]:
+        out.append(("out", replace(base, out_bv=min(bv, V), out_bk=min(bk, K), out_warps=nw,
+                                   out_stages=ns)))
+    for bk, bv, nw in [(64, 64, 4), (64, 128, 4), (128, 64, 8), (32, 64, 2), (64, 64, 8)]:
+        out.append(("wy", replace(base, wy_bk=min(bk, K), wy_bv=min(bv, V), wy_warps=nw)))
+    return [(kind, c) for kind, c in out if c != base]
+
+
+def run_sweep(ours, base, K, V):
+    """Graph time of every variant; returns (best config, rows)."""
+    t_base = bench_graph(lambda: ours(base))
+    rows = [("base", str(base), t_base)]
+    best = {}
+    for kind, c in sweep_variants(base, K, V):
+        try:
+            t = bench_graph(lambda: ours(c))
+        except Exception as e:  # out of shared memory / registers
+            print(f"  {kind} {c}: {type(e).__name__} {str(e)[:80]}", flush=True)
+            continue
+        if t is None:
+            continue
+        print(f"  sweep {kind}: {t:.4f} ms (base {t_base:.4f}) {c}", flush=True)
+        rows.append((kind, str(c), t))
+        if t < best.get(kind, (t_base, None))[0]:
+            best[kind] = (t, c)
+    fields = {"state": ("state_bv", "state_warps", "state_stages"),
+              "out": ("out_bv", "out_bk", "out_warps", "out_stages"),
+              "wy": ("wy_bk", "wy_bv", "wy_warps")}
+    cfg = base
+    for kind, (_, c) in best.items():
+        cfg = replace(cfg, **{f: getattr(c, f) for f in fields[kind]})
+    return cfg, rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="T=8192 and 16x4096 only")
+    ap.add_argument("--layouts", default="", help="comma-separated layout names (default all)")
     ap.add_argument("--shape", type=int, default=-1, help="only SHAPES[i]")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-fla", action="store_true")
+    ap.add_argument("--no-fla", action="store_true")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     print(f"card: {name}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    try:
-        fla = fla_fn()
-    except ImportError as e:
-        print(f"fla-core not importable ({e}); timing ours alone")
-        fla = None
+    fla = None
+    if not args.no_fla:
+        try:
+            fla = fla_fn()
+        except ImportError as e:
+            print(f"fla-core not importable ({e}); timing ours alone")
 
     result = {"card": name, "date": time.strftime("%Y-%m-%d"), "rows": []}
+    shapes = [x for i, x in enumerate(SHAPES) if args.shape in (-1, i)]
+    wanted = args.layouts.split(",") if args.layouts else [n for n, _ in LAYOUTS]
+    layouts = [x for x in LAYOUTS if x[0] in wanted]
     with torch.inference_mode():
-        result["check"] = [] if args.no_check else check(fla)
-        layouts = [x for x in LAYOUTS if not args.quick or x[0] in ("T=8192", "16x4096")]
-        shapes = [x for i, x in enumerate(SHAPES) if args.shape in (-1, i)]
+        if not args.no_check:
+            ks = {K for _, _, K, _ in shapes}
+            result["check"] = [r for K in ks for r in
+                               check(fla if args.check_fla else None, only_k=K)]
         for (H, HV, K, V), (lname, lengths) in itertools.product(shapes, layouts):
             q, k, v, g, beta, cu, h0 = make_inputs(lengths, H, HV, K, V)
             T = q.shape[0]
-            cfg = pick_state_config(len(lengths), HV, K, V)
+            cfg = pick_config(len(lengths), HV, K, V)
             pool, slots, has = make_pool(h0)
             plan = plan_chunks(cu, T)
 
@@ -191,37 +241,24 @@ def main():
                 return chunk_gated_delta_rule_prefill(
                     q, k, v, g, beta, cu, pool, slots, has, config=c, plan=p)
 
-            t_ours = bench(lambda: ours(cfg))
-            row = {"H": H, "HV": HV, "K": K, "V": V, "layout": lname, "T": T,
-                   "ours_ms": t_ours, "ours_cfg": str(cfg),
-                   "ours_plan_per_call_ms": bench(lambda: ours(cfg, None)),
-                   "ours_graph_ms": bench_graph(lambda: ours(cfg))}
+            row = {"H": H, "HV": HV, "K": K, "V": V, "layout": lname, "T": T}
+            if args.sweep:
+                cfg, row["sweep"] = run_sweep(ours, cfg, K, V)
+                print(f"  best: {cfg}", flush=True)
+            row.update(ours_cfg=str(cfg), ours_ms=bench(lambda: ours(cfg)),
+                       ours_graph_ms=bench_graph(lambda: ours(cfg)))
             if fla is not None:
-                t_fla = bench(lambda: fla(q, k, v, g, beta, cu, h0))
-                row.update(fla_ms=t_fla, ratio=t_fla / t_ours,
+                row.update(fla_ms=bench(lambda: fla(q, k, v, g, beta, cu, h0)),
                            fla_graph_ms=bench_graph(lambda: fla(q, k, v, g, beta, cu, h0)))
-            if args.sweep and lname in ("T=8192", "16x4096"):
-                best = (t_ours, str(cfg))
-                grid = [(bv, nw, 2) for bv in (16, 32, 64) for nw in (4, 8)] if K <= 128 else \
-                    [(64, 8, 1), (32, 8, 1), (64, 4, 1)]
-                for bv, nw, ns in grid:
-                    c = StateConfig(bv, nw, ns)
-                    try:
-                        t = bench(lambda: ours(c))
-                    except Exception as e:  # out of shared memory / registers
-                        print(f"  {c}: {type(e).__name__}")
-                        continue
-                    best = min(best, (t, str(c)))
-                row.update(best_ms=best[0], best_cfg=best[1])
-            msg = (f"H{H} HV{HV} K{K} V{V} {lname:8s} ours {T / t_ours / 1e3:7.2f} Mtok/s"
-                   f" ({t_ours:.3f} ms)")
-            if fla is not None:
-                msg += f"  fla {T / row['fla_ms'] / 1e3:7.2f} Mtok/s  ours/fla {row['ratio']:.2f}x"
+                row["ratio"] = row["fla_ms"] / row["ours_ms"]
+                if row["ours_graph_ms"] and row["fla_graph_ms"]:
+                    row["graph_ratio"] = row["fla_graph_ms"] / row["ours_graph_ms"]
             gr = [row.get("ours_graph_ms"), row.get("fla_graph_ms")]
-            msg += "  graph ours/fla " + " / ".join(f"{x:.3f}" if x else "-" for x in gr) + " ms"
-            msg += f"  plan-per-call {row['ours_plan_per_call_ms']:.3f} ms"
-            if "best_ms" in row:
-                msg += f"  best {T / row['best_ms'] / 1e3:.2f} Mtok/s {row['best_cfg']}"
+            msg = (f"H{H} HV{HV} K{K} V{V} {lname:8s} ours {T / row['ours_ms'] / 1e3:7.2f} Mtok/s"
+                   f" ({row['ours_ms']:.3f} ms)  graph ours/fla "
+                   + " / ".join(f"{x:.3f}" if x else "-" for x in gr) + " ms")
+            if "graph_ratio" in row:
+                msg += f"  graph fla/ours {row['graph_ratio']:.2f}x"
             print(msg, flush=True)
             result["rows"].append(row)
             if args.profile and lname in ("T=8192", "16x4096"):
@@ -231,19 +268,20 @@ def main():
             del q, k, v, g, beta, cu, h0, pool
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
+            if os.environ.get("OUT"):
+                with open(os.path.join(os.environ["OUT"], f"prefill_{args.shape}.json"), "w") as f:
+                    json.dump(result, f, indent=1)
 
     def mtok(r, key):
         return f"{r['T'] / r[key] / 1e3:.2f}" if r.get(key) else "-"
 
-    print("\n| shape | layout | ours Mtok/s | fla Mtok/s | ours/fla | ours graph | fla graph |")
+    print("\n| shape | layout | ours eager Mtok/s | fla eager Mtok/s | ours graph Mtok/s "
+          "| fla graph Mtok/s | graph ours/fla |")
     print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+        ratio = f"{r['graph_ratio']:.2f}x" if "graph_ratio" in r else "-"
         print(f"| H{r['H']} HV{r['HV']} K{r['K']} V{r['V']} | {r['layout']} | {mtok(r, 'ours_ms')} | "
-              f"{mtok(r, 'fla_ms')} | {ratio} | {mtok(r, 'ours_graph_ms')} | {mtok(r, 'fla_graph_ms')} |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"prefill_{args.shape}{'_sweep' if args.sweep else ''}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+              f"{mtok(r, 'fla_ms')} | {mtok(r, 'ours_graph_ms')} | {mtok(r, 'fla_graph_ms')} | {ratio} |")
 
 
 if __name__ == "__main__":

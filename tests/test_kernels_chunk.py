@@ -69,8 +69,8 @@ def test_single_sequence_each_length(length):
 
 
 def test_value_dim_split_across_programs_prebuilt_plan_and_no_l2norm():
-    # V = 64 with block_v = 16 puts four programs on one head's state.
-    from kernels.chunk import StateConfig, plan_chunks
+    # V = 64 in blocks of 16 puts four programs on one head's state and loops u over V blocks.
+    from kernels.chunk import ChunkConfig, plan_chunks
 
     q, k, v, g, beta, cu, gen = _inputs([70, 5], 1, 1, 16, 64, torch.float32, seed=3)
     q, k = reference.l2norm(q), reference.l2norm(k)  # pre-normalised inputs
@@ -79,10 +79,46 @@ def test_value_dim_split_across_programs_prebuilt_plan_and_no_l2norm():
     init = pool[slots].clone()
     o = chunk_gated_delta_rule_prefill(
         q, k, v, g, beta, cu, pool, slots, has, scale=0.3, use_qk_l2norm=False,
-        config=StateConfig(block_v=16), plan=plan_chunks(cu, q.shape[0]),
+        config=ChunkConfig(state_bv=16, out_bv=32, wy_bv=16, out_bk=16, wy_bk=16),
+        plan=plan_chunks(cu, q.shape[0]),
     )
     o_ref, s_ref = reference.recurrent_gated_delta_rule(
         q, k, v, g, beta, scale=0.3, initial_state=init, cu_seqlens=cu, use_qk_l2norm=False
     )
     assert _rel(o, o_ref) < TOL[torch.float32]
     assert _rel(pool[slots], s_ref) < TOL[torch.float32]
+
+
+def test_key_dim_over_128_holds_the_state_in_two_halves():
+    # K = 160: two [128, BV] state halves, the second one mostly masked.
+    _check([70, 9], H=1, HV=1, K=160, V=16, dtype=torch.float32, has_init=[True, False], seed=5)
+
+
+def test_key_dim_looped_in_blocks_and_fp16_inputs():
+    from kernels.chunk import ChunkConfig
+
+    q, k, v, g, beta, cu, gen = _inputs([100, 28], 2, 2, 64, 32, torch.float16, seed=7)
+    pool = torch.randn(3, 2, 64, 32, generator=gen)
+    slots, has = torch.tensor([2, 0]), torch.tensor([True, True])
+    init = pool[slots].clone()
+    cfg = ChunkConfig(state_bv=32, out_bv=32, wy_bv=32, out_bk=32, wy_bk=32)
+    o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has, config=cfg)
+    o_ref, s_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init,
+                                                        cu_seqlens=cu)
+    assert o.dtype == torch.float16
+    assert _rel(o, o_ref) < 5e-3
+    assert _rel(pool[slots], s_ref) < 5e-3
+
+
+def test_negative_slot_starts_from_zeros_and_writes_no_state():
+    q, k, v, g, beta, cu, gen = _inputs([65, 30], 1, 2, 16, 16, torch.float32, seed=9)
+    pool = torch.randn(2, 2, 16, 16, generator=gen)
+    before = pool.clone()
+    slots, has = torch.tensor([-1, 1]), torch.tensor([True, True])
+    o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has)
+    init = torch.stack([torch.zeros(2, 16, 16), before[1]])
+    o_ref, s_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init,
+                                                        cu_seqlens=cu)
+    assert _rel(o, o_ref) < TOL[torch.float32]
+    assert _rel(pool[1], s_ref[1]) < TOL[torch.float32]
+    assert torch.equal(pool[0], before[0])

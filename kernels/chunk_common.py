@@ -1,0 +1,30 @@
+"""Triton helpers shared by the chunk prefill kernels (kernels/chunk_*.py)."""
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def _mm(a, b, acc, F32: tl.constexpr):
+    """tl.dot(a, b, acc); with F32 the (already rounded) operands are widened to fp32 first,
+    which is exact, because the Triton interpreter multiplies bf16 operands wrongly."""
+    if F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _chunk_bounds(c, cu_seqlens, chunk_start, chunk_seq, N):
+    """(valid, first token of chunk c, end of its sequence), all int64."""
+    n = tl.load(chunk_seq + c).to(tl.int64)
+    valid = n < N
+    n = tl.minimum(n, N - 1)
+    eos = tl.load(cu_seqlens + n + 1)
+    t0 = tl.load(cu_seqlens + n) + (c - tl.load(chunk_start + n)) * 64
+    return valid, t0, eos
+
+
+@triton.jit
+def _decay_mask(Gi, Gj, mask):
+    """exp2(Gi - Gj) where mask, else 0; the exponent is forced to 0 where masked."""
+    return tl.where(mask, tl.exp2(tl.where(mask, Gi[:, None] - Gj[None, :], 0.0)), 0.0)

@@ -1,0 +1,145 @@
+"""Launch 1 of the chunk prefill: the WY representation of every chunk, one program per
+(chunk, value head), nothing carried between chunks.
+
+  G = within-chunk cumsum of g, in log2 units, stored to G [T, HV] fp32;
+  r = 1 / ||k|| per token (1 without l2norm), stored to rk [T, H] fp32 by the first value head
+      of each key head; k itself is never normalised in memory: every product that needs k_hat
+      takes raw k and scales its rows by r;
+  A = strictly lower beta_i (k_hat_i . k_hat_j) exp2(G_i - G_j)             [64, 64]
+  T = (I + A)^-1: forward substitution on the four 16x16 diagonal blocks (fp32), block merges
+      with tf32 dots;
+  w = T diag(beta exp2(G)) K_hat -> w [T, HV, K];  u = T diag(beta) V -> u [T, HV, V].
+A and T pass through a 16 KB-per-program fp32 scratch to change tile shape ([64, 64] to
+16x16 blocks and back); it stays in L1/L2, and a barrier orders the block's writes and reads.
+"""
+
+import triton
+import triton.language as tl
+
+from kernels.chunk_common import _chunk_bounds, _decay_mask, _mm
+
+
+@triton.jit
+def _inv_unit_lower(p):
+    """(I + A)^-1 for the strictly lower 16x16 block of A at p (row stride 64), by forward
+    substitution: row i of N = (I + A)^-1 - I is -A_i - sum_{j<i} A_ij N_j."""
+    r = tl.arange(0, 16)
+    A = tl.load(p + r[:, None] * 64 + r[None, :])
+    X = -A  # rows 0 and 1 are already final
+    for i in range(2, 16):
+        a = -tl.sum(tl.where(r[:, None] == i, A, 0.0), axis=0)  # -A[i, :], zero for j >= i
+        a = a + tl.sum(a[:, None] * X, axis=0)
+        X = tl.where(r[:, None] == i, a[None, :], X)
+    return X + tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _blk(p, i: tl.constexpr, j: tl.constexpr):
+    """The 16x16 block (i, j) of the [64, 64] fp32 tile at p."""
+    r = tl.arange(0, 16)
+    return tl.load(p + (16 * i + r)[:, None] * 64 + (16 * j + r)[None, :])
+
+
+@triton.jit
+def _put(p, i: tl.constexpr, j: tl.constexpr, x):
+    r = tl.arange(0, 16)
+    tl.store(p + (16 * i + r)[:, None] * 64 + (16 * j + r)[None, :], x)
+
+
+@triton.jit
+def _tf32(a, b):
+    return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _wy_kernel(
+    k, v, g, beta, G, rk, w, u, scratch, cu_seqlens, chunk_start, chunk_seq, N,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, USE_L2: tl.constexpr, EPS: tl.constexpr,
+    F32: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    hv = tl.program_id(1).to(tl.int64)
+    valid, t0, eos = _chunk_bounds(c, cu_seqlens, chunk_start, chunk_seq, N)
+    if valid:
+        hk = hv // (HV // H)
+        dt = w.dtype.element_ty
+        r = tl.arange(0, 64)
+        tok = t0 + r  # [64] int64
+        m = tok < eos
+        b_g = tl.load(g + tok * HV + hv, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+        b_G = tl.cumsum(b_g, axis=0)
+        tl.store(G + tok * HV + hv, b_G, mask=m)
+        b_beta = tl.load(beta + tok * HV + hv, mask=m, other=0.0).to(tl.float32)
+
+        # Raw K K^T and the squared row norms, over K in blocks of BK.
+        p_k = k + (tok * (H * K) + hk * K)[:, None]
+        A = tl.zeros([64, 64], dtype=tl.float32)
+        ss = tl.zeros([64], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            b_k = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K), other=0.0)
+            kf = b_k.to(tl.float32)
+            ss += tl.sum(kf * kf, axis=1)
+            A = _mm(b_k, tl.trans(b_k), A, F32)
+        if USE_L2:
+            b_r = tl.rsqrt(ss + EPS)
+        else:
+            b_r = tl.where(m, 1.0, 0.0)
+        if hv % (HV // H) == 0:
+            tl.store(rk + tok * H + hk, b_r, mask=m)
+        low = (r[:, None] > r[None, :]) & m[:, None]
+        A = A * (b_r * b_beta)[:, None] * b_r[None, :] * _decay_mask(b_G, b_G, low)
+
+        # T = (I + A)^-1 by 16x16 blocks: X_ii = (I + A_ii)^-1 and, for i > j,
+        # X_ij = -X_ii sum_{j <= l < i} A_il X_lj.
+        p_s = scratch + (c * HV + hv) * 4096
+        tl.store(p_s + r[:, None] * 64 + r[None, :], A)
+        tl.debug_barrier()
+        X00 = _inv_unit_lower(p_s)
+        X11 = _inv_unit_lower(p_s + 16 * 64 + 16)
+        X22 = _inv_unit_lower(p_s + 32 * 64 + 32)
+        X33 = _inv_unit_lower(p_s + 48 * 64 + 48)
+        A10 = _blk(p_s, 1, 0)
+        A20 = _blk(p_s, 2, 0)
+        A21 = _blk(p_s, 2, 1)
+        A30 = _blk(p_s, 3, 0)
+        A31 = _blk(p_s, 3, 1)
+        A32 = _blk(p_s, 3, 2)
+        X10 = -_tf32(X11, _tf32(A10, X00))
+        X21 = -_tf32(X22, _tf32(A21, X11))
+        X32 = -_tf32(X33, _tf32(A32, X22))
+        X20 = -_tf32(X22, _tf32(A20, X00) + _tf32(A21, X10))
+        X31 = -_tf32(X33, _tf32(A31, X11) + _tf32(A32, X21))
+        X30 = -_tf32(X33, _tf32(A30, X00) + _tf32(A31, X10) + _tf32(A32, X20))
+        tl.debug_barrier()  # every read of A is done before T overwrites it
+        _put(p_s, 0, 0, X00)
+        _put(p_s, 1, 0, X10)
+        _put(p_s, 1, 1, X11)
+        _put(p_s, 2, 0, X20)
+        _put(p_s, 2, 1, X21)
+        _put(p_s, 2, 2, X22)
+        _put(p_s, 3, 0, X30)
+        _put(p_s, 3, 1, X31)
+        _put(p_s, 3, 2, X32)
+        _put(p_s, 3, 3, X33)
+        tl.debug_barrier()
+        b_T = tl.load(p_s + r[:, None] * 64 + r[None, :],
+                      mask=(r[None, :] // 16) <= (r[:, None] // 16), other=0.0).to(dt)
+
+        # w = T diag(beta exp2(G) r) K, u = T diag(beta) V.
+        kscale = (b_r * b_beta * tl.exp2(b_G))[:, None]
+        p_w = w + (tok * (HV * K) + hv * K)[:, None]
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            mk = m[:, None] & (ck[None, :] < K)
+            b_k = tl.load(p_k + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+            b_w = _mm(b_T, (b_k * kscale).to(dt), None, F32)
+            tl.store(p_w + ck[None, :], b_w.to(dt), mask=mk)
+        p_v = (tok * (HV * V) + hv * V)[:, None]
+        for v0 in range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            mv = m[:, None] & (cv[None, :] < V)
+            b_v = tl.load(v + p_v + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+            b_u = _mm(b_T, (b_v * b_beta[:, None]).to(dt), None, F32)
+            tl.store(u + p_v + cv[None, :], b_u.to(dt), mask=mv)
