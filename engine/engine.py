@@ -14,7 +14,7 @@ from engine.cuda_graphs import DecodeStep
 from engine.loader import LoadedModel
 from engine.models.state import Batch
 from engine.request import CompletionOutput, Request, RequestOutput, Sequence
-from engine.sampling import SamplingParams, TokenLogprob, prompt_logprobs, sample_batch
+from engine.sampling import BatchSample, SamplingParams, TokenLogprob, prompt_logprobs, sample_batch
 from engine.scheduler import PrefillChunk, Scheduler
 from engine.slots import SlotPool
 
@@ -128,12 +128,12 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        ids, lens, slots, starts = [], [], [], []
-        for seq in plan.decodes:  # feed the last sampled token; its effect is in the slot after this step
-            ids.append(seq.pending_token)
-            lens.append(1)
-            slots.append(seq.slot)
-            starts.append(seq.num_computed)
+        decodes = plan.decodes  # each feeds its last sampled token; its effect is in the slot after this step
+        ids = [seq.pending_token for seq in decodes]
+        lens = [1] * len(decodes)
+        slots = [seq.slot for seq in decodes]
+        starts = [seq.num_computed for seq in decodes]
+        for seq in decodes:
             seq.num_computed += 1
             seq.pending_token = None
         for chunk in plan.prefills:
@@ -141,26 +141,35 @@ class LLMEngine:
             lens.append(chunk.length)
             slots.append(chunk.request.sequences[0].slot)
             starts.append(chunk.start)
-        sampled: list[Sequence] = list(plan.decodes)
+        sampled: list[Sequence] = list(decodes)
         if self.decode_step is not None and not plan.prefills:
             logits = self.decode_step.run(ids, slots, starts)
         else:
             logits = self._eager_forward(plan.prefills, ids, lens, slots, starts, sampled)
+        if not sampled:
+            return []
+        return self._record(sampled, sample_batch(logits, [seq.sampler for seq in sampled]))
 
-        touched: dict[str, list[CompletionOutput]] = {}
-        if sampled:
-            result = sample_batch(logits, [seq.sampler for seq in sampled])
-            now = time.monotonic()
-            for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
-                seq.request.first_token_time = seq.request.first_token_time or now
-                touched.setdefault(seq.request.request_id, []).append(self._append_token(seq, token, logprob))
-        outputs = []
-        for request_id, completions in touched.items():
-            request = self.requests[request_id]
-            outputs.append(self._request_output(request, completions))
-            if request.finished:
-                del self.requests[request_id]
-        self.scheduler.drop_finished()
+    def _record(self, sampled: list[Sequence], result: BatchSample) -> list[RequestOutput]:
+        """Append each sequence's token, finish the sequences that are done; one output per request."""
+        touched: dict[Request, list[CompletionOutput]] = {}
+        for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
+            completions = touched.get(seq.request)
+            if completions is None:
+                completions = touched[seq.request] = []
+            completions.append(self._append_token(seq, token, logprob))
+        now = time.monotonic()
+        outputs, finished = [], False
+        for request, completions in touched.items():
+            if request.first_token_time is None:
+                request.first_token_time = now
+            output = self._request_output(request, completions)
+            outputs.append(output)
+            if output.finished:
+                del self.requests[request.request_id]
+                finished = True
+        if finished:  # a request only finishes here or in abort(), which removes it itself
+            self.scheduler.drop_finished()
         return outputs
 
     def _eager_forward(self, prefills: list[PrefillChunk], ids: list[int], lens: list[int], slots: list[int],
@@ -215,7 +224,9 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", token
             text = self._drain(seq, seq.detokenizer.flush())
         else:
-            text, matched = seq.stop_checker.feed(seq.detokenizer.add(token))
+            text, matched = seq.detokenizer.add(token), None
+            if params.stop:  # only a request with stop strings holds text back to look for them
+                text, matched = seq.stop_checker.feed(text)
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
             elif len(seq.output_ids) >= params.max_tokens:
@@ -231,6 +242,8 @@ class LLMEngine:
     @staticmethod
     def _drain(seq: Sequence, tail: str) -> str:
         """The text still held at the end; a stop string completed by the tail still cuts it."""
+        if not seq.request.params.stop:
+            return tail
         text, matched = seq.stop_checker.feed(tail)
         if matched is not None:
             seq.finish_reason, seq.stop_reason = "stop", matched

@@ -12,6 +12,7 @@ from engine.demo import write_gated_deltanet
 from engine.engine import EngineConfig, LLMEngine
 from engine.loader import load_model
 from engine.sampling import SamplingParams
+from engine.stopping import StopChecker
 
 HYBRID = {"model_type": "gated_deltanet", "vocab_size": 300, "hidden_size": 48, "num_hidden_layers": 3,
           "num_heads": 2, "head_dim": 16, "expand_v": 1.5, "hidden_ratio": 2, "tie_word_embeddings": True,
@@ -149,6 +150,17 @@ def test_stop_string_spanning_tokens_ends_the_text_before_it(loaded):
     ids, got, finish = stopped[("b", 0)]
     assert got == text[:text.index(stop)] and finish == "stop"
     assert len(ids) == text.index(stop) + 3  # the tokens of the stop string were generated, not shown
+
+
+def test_requests_without_stop_strings_skip_the_stop_checker_and_keep_their_text(loaded, monkeypatch):
+    params = SamplingParams(max_tokens=15, temperature=1.0, seed=2, ignore_eos=True)
+    expected = _drive(LLMEngine(loaded), {0: [("a", _prompt(12, 9), params)]})[("a", 0)]
+    assert expected[1] == loaded.tokenizer.decode(expected[0])
+
+    def refuse(self, text):
+        raise AssertionError("a request without stop strings fed its stop checker")
+    monkeypatch.setattr(StopChecker, "feed", refuse)
+    assert _drive(LLMEngine(loaded), {0: [("a", _prompt(12, 9), params)]})[("a", 0)] == expected
 
 
 def test_prompt_logprobs_match_a_direct_forward(loaded):
