@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from engine.async_engine import AsyncEngine, EngineOverloaded
+from engine.cuda_graphs import attention_lengths
 from engine.demo import write_gated_deltanet
 from engine.engine import EngineConfig, LLMEngine
 from engine.loader import load_model
+from engine.models import attention
 from engine.sampling import SamplingParams
 from engine.stopping import StopChecker
 
@@ -84,6 +86,25 @@ def test_static_decode_path_gives_the_eager_output(loaded):
     assert engine.decode_step is not None and engine.decode_step.sizes == [1, 2, 4, 6]
     static = _drive(engine, arrivals, check=_slots_unique)
     assert static == eager
+
+
+def test_static_decode_reads_the_shortest_length_bucket_that_holds_the_batch(loaded, monkeypatch):
+    # Attention in a captured step reads a fixed number of positions per slot: the next bucket above
+    # the longest sequence, not the whole buffer; the tokens are those of the eager engine.
+    prompts = {f"r{i}": _prompt(n, 60 + i) for i, n in enumerate([3, 30, 9])}
+    arrivals = {0: [(rid, p, GREEDY) for rid, p in prompts.items()]}
+    eager = _drive(LLMEngine(loaded, EngineConfig(max_num_seqs=4, max_model_len=200, decode_graphs=False)), arrivals)
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=4, max_model_len=200, decode_graphs=True))
+    assert attention_lengths(200) == [200] and attention_lengths(1000) == [256, 512, 1000]
+    engine.decode_step.lengths = attention_lengths(200, smallest=16)  # [16, 32, 64, 128, 200]
+    read = []
+    attend = attention.attend_decode
+    monkeypatch.setattr(attention, "attend_decode",
+                        lambda q, pos, *a: read.append((a[-2], int(pos.max()))) or attend(q, pos, *a))
+    assert _drive(engine, arrivals) == eager
+    # 3 layers, one of them attention: one read per step; the longest sequence grows from 30 to 41 tokens
+    assert {length for length, _ in read} == {32, 64}
+    assert all(longest < length <= 2 * max(longest, 16) for length, longest in read)
 
 
 def test_aborts_free_slots_mid_prefill_and_mid_decode(loaded):

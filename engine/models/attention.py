@@ -86,17 +86,19 @@ def attend_groups(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, 
         v = values[group.slots, lo:group.key_len]
         key_pos = torch.arange(lo, group.key_len, device=q.device)
         mask = visible(positions[group.query_index], key_pos, window)[:, None]  # [N, 1, Tmax, L]
-        gqa = True
-        if t_max > 1:
+        heads, d = q.shape[1:]
+        kv_heads = k.shape[2]
+        if t_max == 1:  # one query per sequence: grouped as in attend_decode, no copies of the keys
+            o = F.scaled_dot_product_attention(q[group.query_index].view(n, kv_heads, heads // kv_heads, d),
+                                               k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        else:
             # SDPA's fused kernels take a mask but not enable_gqa together with one (on CUDA that pair
             # falls back to the math path and its [N, heads, Tmax, L] fp32 scores); the keys are a
             # gathered copy already, so give each query head its own.
-            group_size = q.shape[1] // k.shape[2]
-            k, v = k.repeat_interleave(group_size, dim=2), v.repeat_interleave(group_size, dim=2)
-            gqa = False
-        o = F.scaled_dot_product_attention(q[group.query_index].transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), attn_mask=mask, enable_gqa=gqa)  # [N, heads, Tmax, d]
-        out[group.out_tokens] = o.transpose(1, 2).reshape(n * t_max, *q.shape[1:])[group.out_rows]
+            k, v = k.repeat_interleave(heads // kv_heads, dim=2), v.repeat_interleave(heads // kv_heads, dim=2)
+            o = F.scaled_dot_product_attention(q[group.query_index].transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), attn_mask=mask).transpose(1, 2)  # [N, Tmax, heads, d]
+        out[group.out_tokens] = o.reshape(n * t_max, heads, d)[group.out_rows]
     return out
 
 
@@ -104,8 +106,13 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, 
                   slot_ids: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
     """One query per sequence, all at once. q: [B, heads, d] at positions [B]; keys/values: the pool's
     buffers, read for each sequence's slot (slot_ids [B]) up to `length` positions -> [B, heads, d]."""
+    B, heads, d = q.shape
     k = keys[slot_ids, :length].transpose(1, 2)  # [B, kv_heads, L, d]
     v = values[slot_ids, :length].transpose(1, 2)
     mask = visible(positions, torch.arange(length, device=q.device), window)[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
-    return out[:, :, 0, :]
+    # The query heads sharing a key/value head go in as that head's queries ([B, kv_heads, group, d]): they
+    # share the position and so the mask. enable_gqa would copy every key and value group times instead
+    # (SDPA's math path, the one a boolean mask with GQA takes on CUDA, repeats them).
+    grouped = q.view(B, k.shape[1], heads // k.shape[1], d)
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)  # [B, kv_heads, group, d]
+    return out.reshape(B, heads, d)

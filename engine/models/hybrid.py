@@ -86,6 +86,9 @@ class HybridLM(nn.Module):
         return hidden
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, hidden] -> [T, vocab] fp32."""
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, hidden] -> [T, vocab] fp32; or written into `out` ([T, vocab] in the model's dtype: the same
+        products before their conversion to fp32, which a greedy argmax does not need)."""
+        if out is not None:
+            return torch.matmul(hidden, self.head_weight.t(), out=out)
         return (hidden @ self.head_weight.t()).float()

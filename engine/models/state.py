@@ -27,7 +27,8 @@ class Batch:
     positions: torch.Tensor  # int64 [T]: each token's position in its sequence
     token_slots: torch.Tensor  # int64 [T]: each token's slot
     # Positions decode attention reads per sequence; None: up to the longest sequence in the batch.
-    # A CUDA graph fixes it to the pool's max_len, so one captured step serves every length.
+    # A CUDA graph fixes it to one of a few lengths (engine/cuda_graphs.py), so a captured step serves
+    # every batch whose sequences are no longer than that.
     attn_len: int | None = None
 
     @classmethod
