@@ -71,6 +71,12 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
     kernel_backend = resolve_backend(backend, torch_device)
+    if torch_device.type == "cpu":
+        # A trained model's Gated DeltaNet state decays towards zero, and on x86 every product
+        # with a subnormal float takes a slow microcode path: decode on the shipped model ran at
+        # 7 tokens/s instead of 130 on 2 cores. Flushing them to zero (process-wide; values below
+        # 1e-38 change nothing a token depends on) keeps CPU decode at full speed.
+        torch.set_flush_denormal(True)
 
     reader = CheckpointReader(model_dir, family.rename)
     weights = family.load_weights(config, reader)
