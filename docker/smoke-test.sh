@@ -155,13 +155,13 @@ done
 
 phase "completion"
 reply="$(curl -fsS "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "deltaserve-demo", "prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0}')" \
+    -d '{"model": "deltaserve-stdlib", "prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0}')" \
     || die "POST /v1/completions failed"
 python3 - "$reply" <<'EOF' || die "unexpected completion reply: $reply"
 import json, sys
 reply = json.loads(sys.argv[1])
 assert reply["object"] == "text_completion", reply
-assert reply["model"] == "deltaserve-demo", reply
+assert reply["model"] == "deltaserve-stdlib", reply
 choice = reply["choices"][0]
 assert isinstance(choice["text"], str) and choice["finish_reason"] in ("length", "stop"), choice
 assert 1 <= reply["usage"]["completion_tokens"] <= 8, reply["usage"]

@@ -1,10 +1,7 @@
-"""The built-in demo model: a small RANDOM-WEIGHT Gated DeltaNet in the flash-linear-attention
-format, written on first use to a cache folder and then loaded like any user's folder.
-
-It exists so `deltaserve generate` (and later `serve`) runs on a fresh machine with no model hub;
-its text is noise. The trained default model (its own issue) replaces it.
-
-`write_gated_deltanet` is also how tests make fla-format checkpoints of any shape.
+"""Random-weight Gated DeltaNet checkpoints in the flash-linear-attention format, with a byte-level
+tokenizer: how tests and benchmarks make model folders of any shape (`write_gated_deltanet`;
+`DEMO_CONFIG` is a small one). Their text is noise; the trained model deltaserve runs by default
+ships in engine/default_model/shipped/. EOS and the chat template are shared with that model.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ DEMO_CONFIG: dict[str, Any] = {
     "expand_v": 2.0, "conv_size": 4, "use_gate": True, "hidden_ratio": 4, "norm_eps": 1e-6,
     "tie_word_embeddings": True, "attn": None, "dtype": "float32",
 }
-DEMO_VERSION = "random-v1"  # bump when the demo's content changes, so stale caches are rewritten
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -100,14 +96,4 @@ def write_gated_deltanet(folder: Path, raw_config: dict[str, Any], seed: int = 0
     save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(raw_config, indent=1))
     write_byte_tokenizer(folder)
-    return folder
-
-
-def demo_model_dir(cache_root: Path | None = None) -> Path:
-    """The demo model's folder, written on first use (a few MB, under a second)."""
-    root = cache_root or Path.home() / ".cache" / "deltaserve"
-    folder = root / f"demo-{DEMO_VERSION}"
-    if not (folder / "model.safetensors").is_file():
-        write_gated_deltanet(folder.with_name(folder.name + ".tmp"), DEMO_CONFIG, seed=0)
-        folder.with_name(folder.name + ".tmp").rename(folder)
     return folder

@@ -15,7 +15,8 @@ DEVICE_HELP = "where to run: auto (cuda if present, else cpu), cuda, cuda:N or c
 DTYPE_HELP = ("weight and activation dtype: auto (the checkpoint's dtype on GPU, float32 on CPU), "
               "float32, bfloat16 or float16 (default: auto). Recurrent states are always float32")
 MODEL_HELP = ("a Hugging Face-style model folder (config.json, *.safetensors, tokenizer.json); "
-              "default: the built-in demo model")
+              "default: the built-in model, a small Gated DeltaNet trained on the Python standard library "
+              "(served as 'deltaserve-stdlib')")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -146,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_dir(arg: str | None):
     if arg is not None:
         return arg
-    from engine.demo import demo_model_dir
-    return demo_model_dir()
+    from engine.default_model import shipped_model_dir
+    return shipped_model_dir()
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -185,6 +186,7 @@ def run_models(_args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    from engine.default_model import SHIPPED_MODEL_NAME
     from engine.engine import EngineConfig
     from engine.loader import load_model
     from server.serve import ServerConfig, serve
@@ -200,7 +202,7 @@ def run_serve(args: argparse.Namespace) -> None:
                                  max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                                  decode_graphs=False if args.no_cuda_graphs else None)
     model_dir = _model_dir(args.model)
-    names = tuple(args.served_model_name or (["deltaserve-demo"] if args.model is None else []))
+    names = tuple(args.served_model_name or ([SHIPPED_MODEL_NAME] if args.model is None else []))
     config = ServerConfig(host=args.host, port=args.port, served_model_names=names,
                           max_queued_requests=args.max_queued_requests, drain_timeout_s=args.drain_timeout,
                           log_level=args.log_level, log_requests=not args.no_request_log)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from engine.demo import DEMO_CONFIG, demo_model_dir, write_gated_deltanet
+from engine.demo import DEMO_CONFIG, write_gated_deltanet
 from engine.generate import generate
 from engine.loader import load_model
 from engine.sampling import SamplingParams
@@ -46,12 +46,6 @@ def test_generate_streams_what_the_engine_produces(tmp_path, capsys):
     expected = "".join(s.text for s in generate(loaded, "Hello", SamplingParams(max_tokens=12, ignore_eos=True)))
     assert captured.out == expected + "\n"
     assert "12 tokens, finish: length" in captured.err
-
-
-def test_generate_without_model_uses_the_demo_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert main(["generate", "--prompt", "abc", "--max-tokens", "3", "--ignore-eos", "--device", "cpu"]) == 0
-    assert (demo_model_dir(tmp_path / ".cache" / "deltaserve") / "model.safetensors").is_file()
 
 
 def test_bad_model_folder_is_one_error_line_and_status_2(tmp_path):

@@ -145,7 +145,7 @@ def test_sliding_window_scoring_charges_every_token_once():
 
 
 def test_model_card_reports_every_run(runs, tmp_path):
-    text = card.render_card(runs, cpu_decode="42 tokens/s")
+    text = card.render_card(runs["gdn"], list(runs.values()), cpu_decode="42 tokens/s")
     for arch in models.ARCHS:
         figure = json.loads((runs[arch] / "eval.json").read_text())["bits_per_byte"]
         assert f"{figure:.4f}" in text

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class EvalResult:
         return sum(f.bits for f in self.files) / sum(f.bytes for f in self.files)
 
     def to_json(self) -> dict:
-        return {"bits_per_byte": self.bits_per_byte, "context": self.context,
+        return {"bits_per_byte": self.bits_per_byte, "context": self.context, "python": platform.python_version(),
                 "bytes": sum(f.bytes for f in self.files), "tokens": sum(f.tokens for f in self.files),
                 "files": [asdict(f) for f in self.files]}
 

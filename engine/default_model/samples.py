@@ -9,10 +9,13 @@ from engine.generate import generate
 from engine.loader import load_model
 from engine.sampling import SamplingParams
 
+# No prompt ends in a newline: the tokenizer merges a newline with the indentation after it, so a
+# prompt cut after "\n" forces a token boundary training never saw and the model starts a new
+# top-level block instead of the body.
 PROMPTS = (
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef read_lines(path):\n",
-    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n',
+    "def fibonacci(n):",
+    "import os\n\n\ndef read_lines(path):",
+    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):',
 )
 
 
