@@ -89,7 +89,7 @@ def attend_groups(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, 
         heads, d = q.shape[1:]
         kv_heads = k.shape[2]
         if t_max == 1:  # one query per sequence: grouped as in attend_decode, no copies of the keys
-            o = F.scaled_dot_product_attention(q[group.query_index].view(n, kv_heads, heads // kv_heads, d),
+            o = F.scaled_dot_product_attention(q[group.query_index].reshape(n, kv_heads, heads // kv_heads, d),
                                                k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         else:
             # SDPA's fused kernels take a mask but not enable_gqa together with one (on CUDA that pair
@@ -113,6 +113,6 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, 
     # The query heads sharing a key/value head go in as that head's queries ([B, kv_heads, group, d]): they
     # share the position and so the mask. enable_gqa would copy every key and value group times instead
     # (SDPA's math path, the one a boolean mask with GQA takes on CUDA, repeats them).
-    grouped = q.view(B, k.shape[1], heads // k.shape[1], d)
+    grouped = q.reshape(B, k.shape[1], heads // k.shape[1], d)
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)  # [B, kv_heads, group, d]
     return out.reshape(B, heads, d)
