@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -78,9 +79,15 @@ def test_serve_without_model_answers_as_the_shipped_model():
 
 
 def test_a_built_wheel_carries_the_model(tmp_path):
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for package in ("engine", "kernels", "server", "clients"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(REPO)], check=True, timeout=300)
-    (wheel,) = tmp_path.glob("deltaserve-*.whl")
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("deltaserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("model.safetensors", "config.json", "tokenizer.json", "MODEL_CARD.md"):
         assert f"engine/default_model/shipped/{name}" in names
