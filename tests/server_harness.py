@@ -23,6 +23,8 @@ TINY = {"model_type": "gated_deltanet", "vocab_size": 260, "hidden_size": 64, "n
         "num_heads": 2, "head_dim": 16, "expand_v": 1.0, "hidden_ratio": 2, "tie_word_embeddings": True,
         "attn": None, "dtype": "float32"}
 MODEL_NAME = "tiny-gdn"
+MAX_MODEL_LEN = 256
+TINY_SERVER_LIMITS = EngineConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=MAX_MODEL_LEN)
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -7,18 +7,7 @@ import httpx
 import pytest
 
 from clients import AsyncClient, Client, DeltaserveConnectionError, DeltaserveError
-from engine.engine import EngineConfig
-from server_harness import MODEL_NAME, ThreadServer, free_port, write_tiny_model
-
-MAX_MODEL_LEN = 256
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ThreadServer(write_tiny_model(tmp_path_factory.mktemp("tiny")),
-                       EngineConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=MAX_MODEL_LEN))
-    yield srv
-    srv.stop()
+from server_harness import MAX_MODEL_LEN, MODEL_NAME, free_port
 
 
 @pytest.fixture(scope="module")
