@@ -37,7 +37,7 @@ from kernels.chunk import (  # noqa: E402
 
 DEVICE = "cuda"
 SHAPES = [(16, 16, 128, 128), (16, 32, 128, 128), (6, 6, 256, 512)]  # (H, HV, K, V)
-LAYOUTS = [("T=2048", [2048]), ("T=8192", [8192]), ("T=65536", [65536]), ("16x4096", [4096] * 16)]
+LAYOUTS = [("T=8192", [8192]), ("16x4096", [4096] * 16), ("T=65536", [65536]), ("T=2048", [2048])]
 
 
 def make_inputs(lengths, H, HV, K, V, dtype=torch.bfloat16, seed=0):
@@ -66,9 +66,18 @@ def make_pool(h0):
     return pool, slots, torch.ones(N, dtype=torch.bool, device=h0.device)
 
 
+WY_SOLVE = ""  # --wy-solve
+
+
+def config_for(num_seqs, HV, K, V):
+    cfg = pick_config(num_seqs, HV, K, V)
+    return replace(cfg, wy_solve=WY_SOLVE) if WY_SOLVE else cfg
+
+
 def run_ours(q, k, v, g, beta, cu, h0, config=None):
     """Returns (o, final states)."""
     pool, slots, has = make_pool(h0)
+    config = config or config_for(cu.numel() - 1, v.shape[1], k.shape[2], v.shape[2])
     o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has, config=config)
     return o, pool[slots]
 
@@ -113,8 +122,9 @@ def check(fla, only_k=0):
         if fla is not None:
             o_f, s_f = fla(q, k, v, g, beta, cu, h0)
             row.update(fla_o=rel(o_f, o_ref), fla_state=rel(s_f, s_ref))
-        assert torch.isfinite(o.float()).all()
         print(json.dumps(row), flush=True)
+        assert torch.isfinite(o.float()).all()
+        assert row["ours_o"] < 3e-2 and row["ours_state"] < 3e-2, row
         rows.append(row)
     return rows
 
@@ -162,16 +172,19 @@ def profile(fn, label):
 def sweep_variants(base, K, V):
     """ChunkConfig variants of base, one kernel's launch shape changed at a time."""
     out = []
-    for bv, nw, ns in [(32, 2, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2),
-                       (32, 2, 3), (64, 2, 2), (16, 4, 2)]:
+    # out_bv = 32 is left out: on Triton 3.6 (H200) it faulted (illegal address) at K = 128.
+    for bv, nw, ns, split in [(32, 4, 4, False), (16, 4, 3, False), (32, 4, 3, True),
+                              (64, 4, 4, False)]:
         out.append(("state", replace(base, state_bv=min(bv, max(16, V)), state_warps=nw,
-                                     state_stages=ns)))
-    for bv, bk, nw, ns in [(64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3),
-                           (64, 128, 8, 3), (32, 128, 4, 2), (128, 128, 4, 2)]:
+                                     state_stages=ns, state_split=split)))
+    for bv, bk, nw, ns in [(128, 64, 8, 3), (128, 128, 8, 3)]:
         out.append(("out", replace(base, out_bv=min(bv, V), out_bk=min(bk, K), out_warps=nw,
                                    out_stages=ns)))
-    for bk, bv, nw in [(64, 64, 4), (64, 128, 4), (128, 64, 8), (32, 64, 2), (64, 64, 8)]:
-        out.append(("wy", replace(base, wy_bk=min(bk, K), wy_bv=min(bv, V), wy_warps=nw)))
+    for bk, bv, nw, solve in [(64, 64, 2, "blocks"), (64, 64, 4, "blocks"), (32, 64, 2, "blocks"),
+                              (32, 64, 2, "together"), (64, 64, 4, "together"),
+                              (64, 64, 8, "together")]:
+        out.append(("wy", replace(base, wy_bk=min(bk, K), wy_bv=min(bv, V), wy_warps=nw,
+                                  wy_solve=solve)))
     return [(kind, c) for kind, c in out if c != base]
 
 
@@ -192,9 +205,9 @@ def run_sweep(ours, base, K, V):
         rows.append((kind, str(c), t))
         if t < best.get(kind, (t_base, None))[0]:
             best[kind] = (t, c)
-    fields = {"state": ("state_bv", "state_warps", "state_stages"),
+    fields = {"state": ("state_bv", "state_warps", "state_stages", "state_split"),
               "out": ("out_bv", "out_bk", "out_warps", "out_stages"),
-              "wy": ("wy_bk", "wy_bv", "wy_warps")}
+              "wy": ("wy_bk", "wy_bv", "wy_warps", "wy_solve")}
     cfg = base
     for kind, (_, c) in best.items():
         cfg = replace(cfg, **{f: getattr(c, f) for f in fields[kind]})
@@ -210,7 +223,13 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--check-fla", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--wy-solve", default="", help="override ChunkConfig.wy_solve everywhere")
+    ap.add_argument("--warmup-only", action="store_true",
+                    help="compile and autotune every kernel of the rows, time nothing (run the "
+                         "shapes' warm-ups side by side, then the timed runs one at a time)")
     args = ap.parse_args()
+    global WY_SOLVE
+    WY_SOLVE = args.wy_solve
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     print(f"card: {name}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
@@ -226,14 +245,14 @@ def main():
     wanted = args.layouts.split(",") if args.layouts else [n for n, _ in LAYOUTS]
     layouts = [x for x in LAYOUTS if x[0] in wanted]
     with torch.inference_mode():
-        if not args.no_check:
+        if not args.no_check and not args.warmup_only:
             ks = {K for _, _, K, _ in shapes}
             result["check"] = [r for K in ks for r in
                                check(fla if args.check_fla else None, only_k=K)]
         for (H, HV, K, V), (lname, lengths) in itertools.product(shapes, layouts):
             q, k, v, g, beta, cu, h0 = make_inputs(lengths, H, HV, K, V)
             T = q.shape[0]
-            cfg = pick_config(len(lengths), HV, K, V)
+            cfg = config_for(len(lengths), HV, K, V)
             pool, slots, has = make_pool(h0)
             plan = plan_chunks(cu, T)
 
@@ -241,10 +260,14 @@ def main():
                 return chunk_gated_delta_rule_prefill(
                     q, k, v, g, beta, cu, pool, slots, has, config=c, plan=p)
 
+            if args.warmup_only:
+                ours(cfg)
+                if fla is not None:
+                    fla(q, k, v, g, beta, cu, h0)
+                torch.cuda.synchronize()
+                print(f"warmed H{H} HV{HV} K{K} V{V} {lname}", flush=True)
+                continue
             row = {"H": H, "HV": HV, "K": K, "V": V, "layout": lname, "T": T}
-            if args.sweep:
-                cfg, row["sweep"] = run_sweep(ours, cfg, K, V)
-                print(f"  best: {cfg}", flush=True)
             row.update(ours_cfg=str(cfg), ours_ms=bench(lambda: ours(cfg)),
                        ours_graph_ms=bench_graph(lambda: ours(cfg)))
             if fla is not None:
@@ -265,6 +288,9 @@ def main():
                 profile(lambda: ours(cfg), "ours")
                 if fla is not None:
                     profile(lambda: fla(q, k, v, g, beta, cu, h0), "fla")
+            if args.sweep:  # last: a launch shape that faults ends the process
+                best, row["sweep"] = run_sweep(ours, cfg, K, V)
+                print(f"  best: {best}", flush=True)
             del q, k, v, g, beta, cu, h0, pool
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()

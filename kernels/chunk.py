@@ -39,6 +39,7 @@ class ChunkConfig:
     state_bv: int = 64  # V columns per state program; smaller gives more programs
     state_warps: int = 4
     state_stages: int = 2
+    state_split: bool = False  # hold the state as two [K/2, BV] halves (always when K > 128)
     out_bv: int = 64
     out_bk: int = 64  # K is looped in blocks of out_bk
     out_warps: int = 4
@@ -46,20 +47,22 @@ class ChunkConfig:
     wy_bk: int = 64
     wy_bv: int = 64
     wy_warps: int = 4
+    wy_solve: str = "blocks"  # (I + A)^-1: "blocks" (timed) or "together" (kernels/chunk_wy.py)
 
 
 def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
-    """A launch shape for the problem: the state pass gets narrower V blocks while there are too
-    few (sequence, head) pairs to cover the SMs; the parallel kernels take wide tiles."""
+    """Launch shapes from sweeps on an H200 (Triton 3.6, docs/performance.md): the state pass
+    takes V blocks of 16 when V blocks of 32 would leave over half the SMs idle (K <= 128); the
+    WY kernel runs 2 warps on K <= 128; the output kernel takes V blocks up to 128 (V blocks of
+    32 faulted there on Triton 3.6)."""
     vp = max(16, triton.next_power_of_2(V))
     kp = max(16, triton.next_power_of_2(K))
-    bv = min(64, vp)
-    while bv > 32 and num_seqs * HV * triton.cdiv(V, bv) < 264:
-        bv //= 2
+    bv = 16 if K <= 128 and num_seqs * HV * triton.cdiv(V, 32) <= 66 else 32
+    small_k = K <= 128
     return ChunkConfig(
-        state_bv=bv, state_warps=4, state_stages=2,
-        out_bv=min(64, vp), out_bk=min(128, kp), out_warps=4, out_stages=2,
-        wy_bk=min(64, kp), wy_bv=min(64, vp), wy_warps=4,
+        state_bv=min(bv, vp), state_warps=4, state_stages=3,
+        out_bv=min(128, vp), out_bk=min(64, kp), out_warps=4, out_stages=3,
+        wy_bk=min(32 if small_k else 64, kp), wy_bv=min(64, vp), wy_warps=2 if small_k else 4,
     )
 
 
@@ -128,6 +131,7 @@ def chunk_gated_delta_rule_prefill(
     dtype = v.dtype
     dev = q.device
     cfg = config or pick_config(N, HV, K, V)
+    assert cfg.wy_solve in ("blocks", "together"), cfg.wy_solve
     # On the CPU the kernels run on the Triton interpreter, whose bf16 dot is wrong: widen first.
     f32 = dev.type == "cpu"
 
@@ -144,13 +148,13 @@ def chunk_gated_delta_rule_prefill(
     _wy_kernel[(NC, HV)](
         k, v, g, beta, G, rk, w, u, scratch, cu, chunk_start, chunk_seq, N,
         H=H, HV=HV, K=K, V=V, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
-        F32=f32, num_warps=cfg.wy_warps,
+        F32=f32, SOLVE_TOGETHER=cfg.wy_solve == "together", num_warps=cfg.wy_warps,
     )
 
     h = torch.empty(NC, HV, K, V, dtype=dtype, device=dev)  # state entering each chunk
     v_new = torch.empty(T, HV, V, dtype=dtype, device=dev)
-    two_k = K > 128
-    BK = max(16, triton.next_power_of_2(K // 2 if two_k else K))
+    two_k = K > 128 or (cfg.state_split and K >= 32)
+    BK = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
     _state_kernel[(N * HV * triton.cdiv(V, cfg.state_bv),)](
         k, w, u, G, rk, h, v_new, state_pool, slot_ids, has_initial_state, cu, chunk_start,
         H=H, HV=HV, K=K, V=V, BK=BK, TWO_K=two_k, BV=cfg.state_bv, F32=f32,

@@ -6,11 +6,15 @@
       of each key head; k itself is never normalised in memory: every product that needs k_hat
       takes raw k and scales its rows by r;
   A = strictly lower beta_i (k_hat_i . k_hat_j) exp2(G_i - G_j)             [64, 64]
-  T = (I + A)^-1: forward substitution on the four 16x16 diagonal blocks (fp32), block merges
-      with tf32 dots;
-  w = T diag(beta exp2(G)) K_hat -> w [T, HV, K];  u = T diag(beta) V -> u [T, HV, V].
-A and T pass through a 16 KB-per-program fp32 scratch to change tile shape ([64, 64] to
-16x16 blocks and back); it stays in L1/L2, and a barrier orders the block's writes and reads.
+  T = (I + A)^-1, two ways (the SOLVE_TOGETHER switch, ChunkConfig.wy_solve):
+      "blocks": forward substitution on the four 16x16 diagonal blocks one after the other,
+                tf32 block merges (measured on an H200);
+      "together": the four diagonal blocks in one [4, 16, 16] forward substitution, the rest by
+                four tf32 [64, 64] products (fewer serial steps and barriers; compiled for sm_90,
+                checked on the interpreter, not yet timed on a GPU);
+  w = T diag(beta exp2(G) r) K -> w [T, HV, K];  u = T diag(beta) V -> u [T, HV, V].
+A and T pass through a 16 KB-per-program fp32 scratch to change tile shape; it stays in L1/L2,
+and barriers order the program's writes and reads.
 """
 
 import triton
@@ -47,8 +51,97 @@ def _put(p, i: tl.constexpr, j: tl.constexpr, x):
 
 
 @triton.jit
+def _inv_diag_blocks(p):
+    """(I + A_bb)^-1 for the four strictly lower 16x16 diagonal blocks of A, stored at p as
+    [64, 16] (row r holds A[r, 16 (r // 16) + j]); returns them as [4, 16, 16]. Forward
+    substitution, all four blocks at once: row i of N = (I + A)^-1 - I is
+    -A_i - sum_{j<i} A_ij N_j."""
+    b = tl.arange(0, 4)[:, None, None]
+    i = tl.arange(0, 16)[None, :, None]
+    j = tl.arange(0, 16)[None, None, :]
+    A = tl.load(p + (16 * b + i) * 16 + j)  # [4, 16, 16]
+    X = -A  # rows 0 and 1 are already final
+    for s in range(2, 16):
+        a = -tl.sum(tl.where(i == s, A, 0.0), axis=1)  # [4, 16]: -A[b, s, :], zero for j >= s
+        a = a + tl.sum(a[:, :, None] * X, axis=1)
+        X = tl.where(i == s, a[:, None, :], X)
+    return X + tl.where(i == j, 1.0, 0.0)
+
+
+@triton.jit
 def _tf32(a, b):
     return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _solve_by_blocks(p_s, A):
+    """(I + A)^-1 [64, 64] fp32 for a strictly lower A: X_ii = (I + A_ii)^-1 by forward
+    substitution, one 16x16 block after the other, then for i > j
+    X_ij = -X_ii sum_{j <= l < i} A_il X_lj (tf32 block merges). A and T pass through the
+    program's 16 KB scratch at p_s to change tile shape."""
+    r = tl.arange(0, 64)
+    tl.store(p_s + r[:, None] * 64 + r[None, :], A)
+    tl.debug_barrier()
+    X00 = _inv_unit_lower(p_s)
+    X11 = _inv_unit_lower(p_s + 16 * 64 + 16)
+    X22 = _inv_unit_lower(p_s + 32 * 64 + 32)
+    X33 = _inv_unit_lower(p_s + 48 * 64 + 48)
+    A10 = _blk(p_s, 1, 0)
+    A20 = _blk(p_s, 2, 0)
+    A21 = _blk(p_s, 2, 1)
+    A30 = _blk(p_s, 3, 0)
+    A31 = _blk(p_s, 3, 1)
+    A32 = _blk(p_s, 3, 2)
+    X10 = -_tf32(X11, _tf32(A10, X00))
+    X21 = -_tf32(X22, _tf32(A21, X11))
+    X32 = -_tf32(X33, _tf32(A32, X22))
+    X20 = -_tf32(X22, _tf32(A20, X00) + _tf32(A21, X10))
+    X31 = -_tf32(X33, _tf32(A31, X11) + _tf32(A32, X21))
+    X30 = -_tf32(X33, _tf32(A30, X00) + _tf32(A31, X10) + _tf32(A32, X20))
+    tl.debug_barrier()  # every read of A is done before T overwrites it
+    _put(p_s, 0, 0, X00)
+    _put(p_s, 1, 0, X10)
+    _put(p_s, 1, 1, X11)
+    _put(p_s, 2, 0, X20)
+    _put(p_s, 2, 1, X21)
+    _put(p_s, 2, 2, X22)
+    _put(p_s, 3, 0, X30)
+    _put(p_s, 3, 1, X31)
+    _put(p_s, 3, 2, X32)
+    _put(p_s, 3, 3, X33)
+    tl.debug_barrier()
+    return tl.load(p_s + r[:, None] * 64 + r[None, :],
+                   mask=(r[None, :] // 16) <= (r[:, None] // 16), other=0.0)
+
+
+@triton.jit
+def _solve_together(p_s, A):
+    """(I + A)^-1 [64, 64] fp32 for a strictly lower A = D + L (D block diagonal, 16x16 blocks;
+    L strictly block lower): (I + A) = (I + D)(I + N), N = (I + D)^-1 L, N^4 = 0, so
+    T = (I - N + N^2 - N^3)(I + D)^-1. The four (I + D_bb)^-1 by forward substitution together
+    (one [4, 16, 16] tile, 14 steps), the rest by four tf32 [64, 64] products. D and its inverse
+    pass through the first 4 KB of the program's scratch at p_s to change tile shape."""
+    r = tl.arange(0, 64)
+    rb = r[:, None] // 16
+    cb = r[None, :] // 16
+    off_d = r[:, None] * 16 + r[None, :] % 16  # [64, 64] -> [64, 16] diagonal blocks
+    tl.store(p_s + off_d, A, mask=rb == cb)
+    tl.debug_barrier()
+    Dinv = _inv_diag_blocks(p_s)
+    tl.debug_barrier()  # every read of D is done before its inverse overwrites it
+    b3 = tl.arange(0, 4)[:, None, None]
+    i3 = tl.arange(0, 16)[None, :, None]
+    j3 = tl.arange(0, 16)[None, None, :]
+    tl.store(p_s + (16 * b3 + i3) * 16 + j3, Dinv)
+    tl.debug_barrier()
+    Dinv = tl.load(p_s + off_d, mask=rb == cb, other=0.0)  # [64, 64] block diagonal
+    # (I + N)^-1 in Horner form, Y <- I - N Y, to keep few tiles live.
+    Nm = -_tf32(Dinv, tl.where(rb > cb, A, 0.0))  # -N
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    Y = eye + Nm
+    Y = tl.dot(Nm, Y, eye, input_precision="tf32")
+    Y = tl.dot(Nm, Y, eye, input_precision="tf32")
+    return _tf32(Y, Dinv)
 
 
 @triton.jit
@@ -56,7 +149,7 @@ def _wy_kernel(
     k, v, g, beta, G, rk, w, u, scratch, cu_seqlens, chunk_start, chunk_seq, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, USE_L2: tl.constexpr, EPS: tl.constexpr,
-    F32: tl.constexpr,
+    F32: tl.constexpr, SOLVE_TOGETHER: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
     hv = tl.program_id(1).to(tl.int64)
@@ -91,41 +184,11 @@ def _wy_kernel(
         low = (r[:, None] > r[None, :]) & m[:, None]
         A = A * (b_r * b_beta)[:, None] * b_r[None, :] * _decay_mask(b_G, b_G, low)
 
-        # T = (I + A)^-1 by 16x16 blocks: X_ii = (I + A_ii)^-1 and, for i > j,
-        # X_ij = -X_ii sum_{j <= l < i} A_il X_lj.
         p_s = scratch + (c * HV + hv) * 4096
-        tl.store(p_s + r[:, None] * 64 + r[None, :], A)
-        tl.debug_barrier()
-        X00 = _inv_unit_lower(p_s)
-        X11 = _inv_unit_lower(p_s + 16 * 64 + 16)
-        X22 = _inv_unit_lower(p_s + 32 * 64 + 32)
-        X33 = _inv_unit_lower(p_s + 48 * 64 + 48)
-        A10 = _blk(p_s, 1, 0)
-        A20 = _blk(p_s, 2, 0)
-        A21 = _blk(p_s, 2, 1)
-        A30 = _blk(p_s, 3, 0)
-        A31 = _blk(p_s, 3, 1)
-        A32 = _blk(p_s, 3, 2)
-        X10 = -_tf32(X11, _tf32(A10, X00))
-        X21 = -_tf32(X22, _tf32(A21, X11))
-        X32 = -_tf32(X33, _tf32(A32, X22))
-        X20 = -_tf32(X22, _tf32(A20, X00) + _tf32(A21, X10))
-        X31 = -_tf32(X33, _tf32(A31, X11) + _tf32(A32, X21))
-        X30 = -_tf32(X33, _tf32(A30, X00) + _tf32(A31, X10) + _tf32(A32, X20))
-        tl.debug_barrier()  # every read of A is done before T overwrites it
-        _put(p_s, 0, 0, X00)
-        _put(p_s, 1, 0, X10)
-        _put(p_s, 1, 1, X11)
-        _put(p_s, 2, 0, X20)
-        _put(p_s, 2, 1, X21)
-        _put(p_s, 2, 2, X22)
-        _put(p_s, 3, 0, X30)
-        _put(p_s, 3, 1, X31)
-        _put(p_s, 3, 2, X32)
-        _put(p_s, 3, 3, X33)
-        tl.debug_barrier()
-        b_T = tl.load(p_s + r[:, None] * 64 + r[None, :],
-                      mask=(r[None, :] // 16) <= (r[:, None] // 16), other=0.0).to(dt)
+        if SOLVE_TOGETHER:
+            b_T = _solve_together(p_s, A).to(dt)
+        else:
+            b_T = _solve_by_blocks(p_s, A).to(dt)
 
         # w = T diag(beta exp2(G) r) K, u = T diag(beta) V.
         kscale = (b_r * b_beta * tl.exp2(b_G))[:, None]

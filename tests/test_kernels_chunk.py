@@ -2,6 +2,7 @@
 interpreter: varlen batches with odd lengths, GVA, initial states by shuffled slot, bf16 and fp32."""
 
 import os
+from dataclasses import replace
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on the CPU
 
@@ -9,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels import reference  # noqa: E402
-from kernels.chunk import chunk_gated_delta_rule_prefill  # noqa: E402
+from kernels.chunk import chunk_gated_delta_rule_prefill, pick_config  # noqa: E402
 
 # ||out - ref|| / ||ref||. The interpreter computes fp32 dots exactly; bf16 rounds q, k, v and
 # the operands of every product (state, v_new, w, u) to 8 bits.
@@ -34,7 +35,7 @@ def _rel(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def _check(lengths, H, HV, K, V, dtype, has_init, seed=0, num_slots=11):
+def _check(lengths, H, HV, K, V, dtype, has_init, seed=0, num_slots=11, config=None):
     q, k, v, g, beta, cu, gen = _inputs(lengths, H, HV, K, V, dtype, seed)
     N = len(lengths)
     pool = torch.randn(num_slots, HV, K, V, generator=gen)  # [S, HV, K, V]
@@ -43,7 +44,7 @@ def _check(lengths, H, HV, K, V, dtype, has_init, seed=0, num_slots=11):
     before = pool.clone()
     init = torch.where(has[:, None, None, None], before[slots], 0.0)
 
-    o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has)
+    o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has, config=config)
     o_ref, s_ref = reference.recurrent_gated_delta_rule(
         q, k, v, g, beta, initial_state=init, cu_seqlens=cu
     )
@@ -57,9 +58,12 @@ def _check(lengths, H, HV, K, V, dtype, has_init, seed=0, num_slots=11):
     assert torch.equal(pool[others], before[others])  # bit for bit
 
 
+@pytest.mark.parametrize("solve", ["blocks", "together"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_batch_with_gva_and_mixed_initial_states(dtype):
-    _check(LENGTHS, H=2, HV=4, K=32, V=32, dtype=dtype, has_init=[True, False, True, True, False])
+def test_varlen_batch_with_gva_and_mixed_initial_states(dtype, solve):
+    cfg = replace(pick_config(len(LENGTHS), 4, 32, 32), wy_solve=solve)
+    _check(LENGTHS, H=2, HV=4, K=32, V=32, dtype=dtype, has_init=[True, False, True, True, False],
+           config=cfg)
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -94,14 +98,14 @@ def test_key_dim_over_128_holds_the_state_in_two_halves():
     _check([70, 9], H=1, HV=1, K=160, V=16, dtype=torch.float32, has_init=[True, False], seed=5)
 
 
-def test_key_dim_looped_in_blocks_and_fp16_inputs():
+def test_key_dim_looped_in_blocks_split_state_and_fp16_inputs():
     from kernels.chunk import ChunkConfig
 
     q, k, v, g, beta, cu, gen = _inputs([100, 28], 2, 2, 64, 32, torch.float16, seed=7)
     pool = torch.randn(3, 2, 64, 32, generator=gen)
     slots, has = torch.tensor([2, 0]), torch.tensor([True, True])
     init = pool[slots].clone()
-    cfg = ChunkConfig(state_bv=32, out_bv=32, wy_bv=32, out_bk=32, wy_bk=32)
+    cfg = ChunkConfig(state_bv=32, state_split=True, out_bv=32, wy_bv=32, out_bk=32, wy_bk=32)
     o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has, config=cfg)
     o_ref, s_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init,
                                                         cu_seqlens=cu)
