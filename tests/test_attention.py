@@ -42,14 +42,16 @@ def test_one_call_for_mixed_decodes_and_chunks_matches_a_naive_softmax(window, m
     assert len(calls) == 2  # one for the one-token sequences, one for the chunks: no loop over sequences
 
 
-def test_decode_reads_only_up_to_length_and_matches_the_naive_softmax():
+@pytest.mark.parametrize("window", [None, 1, 7, 64])
+def test_decode_at_any_read_length_matches_the_naive_softmax(window):
     gen = torch.Generator().manual_seed(1)
     keys = torch.randn(SLOTS + 1, MAX_LEN, KV_HEADS, D, generator=gen)
     values = torch.randn(SLOTS + 1, MAX_LEN, KV_HEADS, D, generator=gen)
     starts, slots = [3, 60, 0, 31], [5, 1, 0, 6]
     q = torch.randn(len(slots), HEADS, D, generator=gen)
     positions, slot_ids = torch.tensor(starts), torch.tensor(slots)
-    expected = _naive(q, keys, values, [1] * len(slots), starts, slots, None)
-    for length in (61, MAX_LEN):  # just enough, and the whole buffer (what a CUDA graph reads)
-        got = attention.attend_decode(q, positions, keys, values, slot_ids, length, None)
+    expected = _naive(q, keys, values, [1] * len(slots), starts, slots, window)
+    # just enough, and the whole buffer (what a CUDA graph may read); a window layer reads its window
+    for length in (61, MAX_LEN):
+        got = attention.attend_decode(q, positions, keys, values, slot_ids, length, window)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -81,38 +81,46 @@ def attend_groups(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, 
     out = torch.empty_like(q)
     for group in groups:  # at most two: one-token and multi-token sequences
         n, t_max = group.query_index.shape
+        if t_max == 1:
+            tokens = group.query_index[:, 0]
+            out[tokens] = attend_decode(q[tokens], positions[tokens], keys, values, group.slots, group.key_len, window)
+            continue
         lo = 0 if window is None else max(0, group.min_start - window + 1)
         k = keys[group.slots, lo:group.key_len]  # [N, L, kv_heads, d]
         v = values[group.slots, lo:group.key_len]
         key_pos = torch.arange(lo, group.key_len, device=q.device)
         mask = visible(positions[group.query_index], key_pos, window)[:, None]  # [N, 1, Tmax, L]
+        # SDPA's fused kernels take a mask but not enable_gqa together with one (on CUDA that pair falls
+        # back to the math path and its [N, heads, Tmax, L] fp32 scores); the keys are a gathered copy
+        # already, so give each query head its own.
         heads, d = q.shape[1:]
-        kv_heads = k.shape[2]
-        if t_max == 1:  # one query per sequence: grouped as in attend_decode, no copies of the keys
-            o = F.scaled_dot_product_attention(q[group.query_index].reshape(n, kv_heads, heads // kv_heads, d),
-                                               k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        else:
-            # SDPA's fused kernels take a mask but not enable_gqa together with one (on CUDA that pair
-            # falls back to the math path and its [N, heads, Tmax, L] fp32 scores); the keys are a
-            # gathered copy already, so give each query head its own.
-            k, v = k.repeat_interleave(heads // kv_heads, dim=2), v.repeat_interleave(heads // kv_heads, dim=2)
-            o = F.scaled_dot_product_attention(q[group.query_index].transpose(1, 2), k.transpose(1, 2),
-                                               v.transpose(1, 2), attn_mask=mask).transpose(1, 2)  # [N, Tmax, heads, d]
-        out[group.out_tokens] = o.reshape(n * t_max, heads, d)[group.out_rows]
+        group_size = heads // k.shape[2]
+        k, v = k.repeat_interleave(group_size, dim=2), v.repeat_interleave(group_size, dim=2)
+        o = F.scaled_dot_product_attention(q[group.query_index].transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), attn_mask=mask)  # [N, heads, Tmax, d]
+        out[group.out_tokens] = o.transpose(1, 2).reshape(n * t_max, heads, d)[group.out_rows]
     return out
 
 
 def attend_decode(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   slot_ids: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
     """One query per sequence, all at once. q: [B, heads, d] at positions [B]; keys/values: the pool's
-    buffers, read for each sequence's slot (slot_ids [B]) up to `length` positions -> [B, heads, d]."""
+    buffers, read for each sequence's slot (slot_ids [B]) up to `length` positions, or, in a window
+    layer with window < length, at just its last `window` positions -> [B, heads, d]."""
     B, heads, d = q.shape
-    k = keys[slot_ids, :length].transpose(1, 2)  # [B, kv_heads, L, d]
-    v = values[slot_ids, :length].transpose(1, 2)
-    mask = visible(positions, torch.arange(length, device=q.device), window)[:, None, None, :]  # [B, 1, 1, L]
+    if window is None or window >= length:
+        k = keys[slot_ids, :length]  # [B, L, kv_heads, d]
+        v = values[slot_ids, :length]
+        mask = visible(positions, torch.arange(length, device=q.device), window)  # [B, L]
+    else:
+        key_pos = positions[:, None] - (window - 1) + torch.arange(window, device=q.device)  # [B, window]
+        k = keys[slot_ids[:, None], key_pos.clamp(min=0)]  # [B, window, kv_heads, d]
+        v = values[slot_ids[:, None], key_pos.clamp(min=0)]
+        mask = key_pos >= 0  # positions before the sequence's start are not there
     # The query heads sharing a key/value head go in as that head's queries ([B, kv_heads, group, d]): they
     # share the position and so the mask. enable_gqa would copy every key and value group times instead
     # (SDPA's math path, the one a boolean mask with GQA takes on CUDA, repeats them).
-    grouped = q.reshape(B, k.shape[1], heads // k.shape[1], d)
-    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)  # [B, kv_heads, group, d]
+    grouped = q.reshape(B, k.shape[2], heads // k.shape[2], d)
+    out = F.scaled_dot_product_attention(grouped, k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None, None, :])  # [B, kv_heads, group, d]
     return out.reshape(B, heads, d)
