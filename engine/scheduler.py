@@ -65,14 +65,18 @@ class Scheduler:
         return StepPlan(decodes, prefills)
 
     def _admit(self) -> None:
+        if not self.waiting:
+            return
+        running = self.num_running_sequences  # counted once: admitting B requests is O(B), not O(B^2)
         while self.waiting:
             n = self.waiting[0].params.n
-            if self.pool.num_free < n or self.num_running_sequences + n > self.max_num_seqs:
+            if self.pool.num_free < n or running + n > self.max_num_seqs:
                 return  # FIFO: nobody overtakes the head of the queue
             request = self.waiting.popleft()
             for seq in request.sequences:
                 seq.slot = self.pool.allocate()
             self.running.append(request)
+            running += n
 
     def release(self, seq: Sequence) -> None:
         """Give a finished or aborted sequence's slot back."""
