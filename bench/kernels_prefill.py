@@ -7,6 +7,8 @@ $OUT/prefill_<shape>.json if OUT is set.
     python bench/kernels_prefill.py --shape i [--layouts T=8192,16x4096] [--sweep] [--profile]
         [--no-fla] [--no-check]
 
+--sass needs no GPU: it compiles the kernels for sm_90 with Triton's bundled ptxas and prints
+registers, spill stack and SASS counts (cheap feedback between device calls).
 --sweep times ChunkConfig variants (one kernel's launch shape changed at a time) as graph
 replays and keeps the best per kernel; --profile prints per-kernel GPU times of one call of
 each, from torch.profiler. Ours is timed as the engine calls it (chunk plan built once per
@@ -173,15 +175,17 @@ def sweep_variants(base, K, V):
     """ChunkConfig variants of base, one kernel's launch shape changed at a time."""
     out = []
     # out_bv = 32 is left out: on Triton 3.6 (H200) it faulted (illegal address) at K = 128.
-    for bv, nw, ns, split in [(32, 4, 4, False), (16, 4, 3, False), (32, 4, 3, True),
-                              (64, 4, 4, False)]:
+    # 8 warps are in the list because ptxas (--sass) reports spills at 4 and none at 8 for the
+    # state and output kernels, and for the WY kernel with wy_solve="together"; not timed yet.
+    for bv, nw, ns, split in [(16, 4, 3, False), (16, 8, 3, False), (32, 4, 3, False),
+                              (32, 8, 3, False), (32, 4, 4, False), (32, 4, 3, True)]:
         out.append(("state", replace(base, state_bv=min(bv, max(16, V)), state_warps=nw,
                                      state_stages=ns, state_split=split)))
-    for bv, bk, nw, ns in [(128, 64, 8, 3), (128, 128, 8, 3)]:
+    for bv, bk, nw, ns in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2)]:
         out.append(("out", replace(base, out_bv=min(bv, V), out_bk=min(bk, K), out_warps=nw,
                                    out_stages=ns)))
-    for bk, bv, nw, solve in [(64, 64, 2, "blocks"), (64, 64, 4, "blocks"), (32, 64, 2, "blocks"),
-                              (32, 64, 2, "together"), (64, 64, 4, "together"),
+    for bk, bv, nw, solve in [(32, 64, 2, "blocks"), (64, 64, 4, "blocks"), (32, 64, 2, "together"),
+                              (64, 64, 4, "together"), (32, 64, 8, "together"),
                               (64, 64, 8, "together")]:
         out.append(("wy", replace(base, wy_bk=min(bk, K), wy_bv=min(bv, V), wy_warps=nw,
                                   wy_solve=solve)))
@@ -214,6 +218,55 @@ def run_sweep(ours, base, K, V):
     return cfg, rows
 
 
+def sass_report(wy_solve=""):
+    """Compile the three kernels for sm_90 (no GPU needed: Triton's bundled ptxas) at each
+    shape's launch shapes and print registers, spill stack and SASS counts from cuobjdump."""
+    import subprocess
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.chunk_output import _output_kernel
+    from kernels.chunk_state import _state_kernel
+    from kernels.chunk_wy import _wy_kernel
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    ptr = {"cu_seqlens": "*i64", "chunk_start": "*i64", "chunk_seq": "*i32", "slot_ids": "*i64",
+           "has_initial_state": "*i1", "N": "i64", "scale": "fp32", "g": "*fp32", "G": "*fp32",
+           "rk": "*fp32", "scratch": "*fp32", "state_pool": "*fp32"}
+
+    def build(fn, consts, num_warps, num_stages=2):
+        sig = {n: "constexpr" if n in consts else ptr.get(n, "*bf16") for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+        path = f"/tmp/{fn.__name__}.cubin"
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        use = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True)
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+        res = [x.split("CONSTANT")[0].strip() for x in use.stdout.splitlines() if "REG:" in x]
+        n = sum(1 for x in sass.splitlines() if x.strip().startswith("/*") and ";" in x)
+        print(f"  {fn.__name__:15s} {res[0] if res else '?'}  SASS {n}, BAR {sass.count('BAR.SYNC')}"
+              f", LDL {sass.count('LDL')}, HGMMA {sass.count('HGMMA')}, HMMA {sass.count('HMMA')}"
+              f", cp.async {k.asm['ptx'].count('cp.async.')}", flush=True)
+
+    for H, HV, K, V in SHAPES:
+        cfg = pick_config(1, HV, K, V)
+        if wy_solve:
+            cfg = replace(cfg, wy_solve=wy_solve)
+        print(f"H{H} HV{HV} K{K} V{V}: {cfg}")
+        common = dict(H=H, HV=HV, K=K, V=V, F32=False)
+        build(_wy_kernel, dict(common, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=True, EPS=1e-6,
+                               SOLVE_TOGETHER=cfg.wy_solve == "together"), cfg.wy_warps)
+        two_k = K > 128 or cfg.state_split
+        bk = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
+        build(_state_kernel, dict(common, BK=bk, TWO_K=two_k, BV=cfg.state_bv),
+              cfg.state_warps, cfg.state_stages)
+        build(_output_kernel, dict(common, BK=cfg.out_bk, BV=cfg.out_bv, USE_L2=True, EPS=1e-6),
+              cfg.out_warps, cfg.out_stages)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
@@ -224,12 +277,16 @@ def main():
     ap.add_argument("--check-fla", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--wy-solve", default="", help="override ChunkConfig.wy_solve everywhere")
+    ap.add_argument("--sass", action="store_true",
+                    help="no GPU: compile for sm_90 and print registers / spills / SASS counts")
     ap.add_argument("--warmup-only", action="store_true",
                     help="compile and autotune every kernel of the rows, time nothing (run the "
                          "shapes' warm-ups side by side, then the timed runs one at a time)")
     args = ap.parse_args()
     global WY_SOLVE
     WY_SOLVE = args.wy_solve
+    if args.sass:
+        return sass_report(args.wy_solve)
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     print(f"card: {name}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
