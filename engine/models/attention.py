@@ -4,12 +4,15 @@ The new tokens of a step arrive packed ([T, heads, d], see models/state.Batch); 
 are already written into the pool at their positions, so each query attends to its own slot's
 positions 0..its own (causal), or the last `window` of them. Two shapes of call:
 
-- decode (`attend_decode`): one query per sequence, [B, heads, 1, d] against each slot's buffer up
-  to a fixed length; this is what a CUDA graph captures.
+- decode (`attend_decode`): one query per sequence against each slot's buffer up to a given length
+  (a CUDA graph fixes it to one of a few lengths), or in a window layer just the last `window`
+  positions; the query heads that share a key/value head go in as its queries, so no key is copied
+  per head. This is what a CUDA graph captures.
 - varlen (`attend_groups`): a step with prompt chunks. Its sequences are split into at most two
-  `QueryGroup`s, those with one new token and those with several; each group is padded to its
-  longest sequence ([N, Tmax] queries, [N, Lmax] keys gathered from the slots) and runs as ONE
-  scaled_dot_product_attention with a boolean causal/window mask.
+  `QueryGroup`s: those with one new token (decodes mixed into the step), which go through
+  `attend_decode`, and those with several, padded to the longest ([N, Tmax] queries, [N, Lmax]
+  keys gathered from the slots) and run as ONE scaled_dot_product_attention with a boolean
+  causal/window mask.
 
 Why padded SDPA and not a varlen flash kernel: it is a few lines of index arithmetic over torch ops
 that run on every device, it reuses the fused SDPA kernels torch already has, and a step's prompt
