@@ -1,7 +1,12 @@
-"""Fused gated RMSNorm, the step between a Gated DeltaNet layer's recurrence and its output
-projection:  y = x / sqrt(mean(x^2) + eps) * weight * silu(z),  per row, math in fp32.
+"""Fused RMSNorms, math in fp32, one launch each:
 
-Rows are one value head each ([tokens * HV, V]): the norm is per head, as in the checkpoints.
+- gated_rms_norm: the step between a Gated DeltaNet layer's recurrence and its output projection,
+  y = x / sqrt(mean(x^2) + eps) * weight * silu(z) per row; rows are one value head each
+  ([tokens * HV, V]): the norm is per head, as in the checkpoints.
+- rms_norm: the decoder's pre-norm, y = x / sqrt(mean(x^2) + eps) * weight, optionally after the
+  residual add it follows (s = x + residual, rounded to x's dtype as a separate add would, is
+  normed and returned too), so a block's add and norm are one kernel instead of an add and the
+  three of a norm in fp32 (cast in, norm, cast out).
 """
 
 import torch
@@ -12,24 +17,30 @@ from torch import Tensor
 
 @triton.jit
 def _gated_rms_norm_kernel(
-    x,  # [M, N], last dim contiguous
-    z,  # [M, N], last dim contiguous
+    x,  # [T, H, N]: row m is (m // H, m % H); last dim contiguous
+    z,  # [T, H, N], as x
     weight,  # [N]
-    y,  # [M, N], contiguous
-    M,
-    stride_x_m,
-    stride_z_m,
+    y,  # [T * H, N], contiguous
+    M,  # T * H
+    stride_x_t,
+    stride_x_h,
+    stride_z_t,
+    stride_z_h,
     eps,
+    H: tl.constexpr,
     N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
     o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    o_t, o_h = o_m // H, o_m % H
     o_n = tl.arange(0, BN)
     mask_n = o_n < N
     mask = (o_m < M)[:, None] & mask_n[None, :]
-    b_x = tl.load(x + o_m[:, None] * stride_x_m + o_n[None, :], mask=mask, other=0).to(tl.float32)
-    b_z = tl.load(z + o_m[:, None] * stride_z_m + o_n[None, :], mask=mask, other=0).to(tl.float32)
+    p_x = x + (o_t * stride_x_t + o_h * stride_x_h)[:, None] + o_n[None, :]
+    p_z = z + (o_t * stride_z_t + o_h * stride_z_h)[:, None] + o_n[None, :]
+    b_x = tl.load(p_x, mask=mask, other=0).to(tl.float32)
+    b_z = tl.load(p_z, mask=mask, other=0).to(tl.float32)
     b_w = tl.load(weight + o_n, mask=mask_n, other=0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, 1) / N + eps)  # [BM]
     b_y = b_x * rstd[:, None] * b_w[None, :] * (b_z / (1.0 + tl.exp(-b_z)))
@@ -39,22 +50,88 @@ def _gated_rms_norm_kernel(
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """rmsnorm(x) * weight * silu(z) over the last dim.
 
-    x, z: [M, N] (row strides free, last dim contiguous; any float dtypes); weight: [N].
-    Returns y: [M, N] in x.dtype.
+    x, z: [M, N] or [T, H, N] (token and head strides free, e.g. z a view into the projection
+    output; last dim contiguous; any float dtypes); weight: [N].
+    Returns y: x's shape, contiguous, in x.dtype.
     """
-    M, N = x.shape
-    assert z.shape == (M, N) and weight.shape == (N,), f"x {x.shape}, z {z.shape}, weight {weight.shape}"
-    assert N <= 16384, "rows wider than 16384 are not supported"
+    shape = x.shape
+    assert z.shape == shape and weight.shape == (shape[-1],), f"x {x.shape}, z {z.shape}, weight {weight.shape}"
+    assert x.dim() in (2, 3), "x, z: [M, N] or [T, H, N]"
     x = x if x.stride(-1) == 1 else x.contiguous()
     z = z if z.stride(-1) == 1 else z.contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if x.dim() == 2:
+        x, z = x[:, None], z[:, None]
+    T, H, N = x.shape
+    assert N <= 16384, "rows wider than 16384 are not supported"
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    M = T * H
     if M == 0:
         return y
     BN = triton.next_power_of_2(N)
     BM = max(1, min(16, 4096 // BN))  # a few rows per program for narrow heads
     grid = (triton.cdiv(M, BM),)
     _gated_rms_norm_kernel[grid](
-        x, z, weight, y, M, x.stride(0), z.stride(0), eps,
-        N=N, BM=BM, BN=BN, num_warps=4 if BN <= 1024 else 8,
+        x, z, weight, y, M, x.stride(0), x.stride(1), z.stride(0), z.stride(1), eps,
+        H=H, N=N, BM=BM, BN=BN, num_warps=4 if BN <= 1024 else 8,
     )
     return y
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x,  # [M, N], last dim contiguous
+    residual,  # [M, N], last dim contiguous (unread without HAS_RESIDUAL)
+    weight,  # [N]
+    y,  # [M, N], contiguous
+    s,  # [M, N], contiguous: x + residual (unwritten without HAS_RESIDUAL)
+    M,
+    stride_x_m,
+    stride_r_m,
+    eps,
+    N: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    mask_n = o_n < N
+    mask = (o_m < M)[:, None] & mask_n[None, :]
+    b_x = tl.load(x + o_m[:, None] * stride_x_m + o_n[None, :], mask=mask, other=0)
+    if HAS_RESIDUAL:
+        b_r = tl.load(residual + o_m[:, None] * stride_r_m + o_n[None, :], mask=mask, other=0)
+        b_x = (b_x.to(tl.float32) + b_r.to(tl.float32)).to(s.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(s + o_m[:, None] * N + o_n[None, :], b_x, mask=mask)
+    b_x = b_x.to(tl.float32)
+    b_w = tl.load(weight + o_n, mask=mask_n, other=0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, 1) / N + eps)  # [BM]
+    b_y = b_x * rstd[:, None] * b_w[None, :]
+    tl.store(y + o_m[:, None] * N + o_n[None, :], b_y.to(y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None):
+    """rmsnorm(x) * weight over the last dim, or with `residual`: s = x + residual, then
+    (rmsnorm(s) * weight, s).
+
+    x, residual: [M, N] (row strides free, last dim contiguous; one float dtype); weight: [N].
+    Returns y: [M, N] in x.dtype, or (y, s) with s: [M, N] in x.dtype.
+    """
+    M, N = x.shape
+    assert weight.shape == (N,), f"x {x.shape}, weight {weight.shape}"
+    assert residual is None or (residual.shape == (M, N) and residual.dtype == x.dtype), "residual: x's shape, dtype"
+    assert N <= 16384, "rows wider than 16384 are not supported"
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    s = None
+    if residual is not None:
+        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+        s = torch.empty_like(y)
+    if M > 0:
+        BN = triton.next_power_of_2(N)
+        BM = max(1, min(16, 4096 // BN))
+        _rms_norm_kernel[(triton.cdiv(M, BM),)](
+            x, residual if residual is not None else x, weight, y, s if s is not None else y, M, x.stride(0),
+            residual.stride(0) if residual is not None else 0, eps,
+            N=N, BM=BM, BN=BN, HAS_RESIDUAL=residual is not None, num_warps=4 if BN <= 1024 else 8,
+        )
+    return y if residual is None else (y, s)

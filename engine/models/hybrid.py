@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import LINEAR_ATTENTION, ModelConfig
-from engine.models.layers import MLP, Attention, GatedDeltaNet, SparseMoE, _param, rms_norm
+from engine.models.layers import MLP, Attention, GatedDeltaNet, SparseMoE, _param, add_rms_norm
 from engine.models.state import Batch, SequenceState
 from engine.slots import SlotPool
 
@@ -26,6 +26,7 @@ class Block(nn.Module):
         super().__init__()
         self.is_linear = config.layer_types[index] == LINEAR_ATTENTION
         self.eps = config.rms_norm_eps
+        self.backend = backend
         self.mixer_norm = _param(config.hidden_size, fp32=True)
         self.mlp_norm = _param(config.hidden_size, fp32=True)
         if self.is_linear:
@@ -37,9 +38,13 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, index: int) -> torch.Tensor:
-        x = x + self.mixer(rms_norm(x, self.mixer_norm, self.eps), batch, pool, index)
-        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, batch: Batch, pool: SlotPool,
+                index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream enters and leaves as x + delta ([T, hidden] each; delta None: x alone):
+        each add is left to the norm after it, which does both in one kernel on the triton backend."""
+        h, x = add_rms_norm(x, delta, self.mixer_norm, self.eps, self.backend)
+        h, x = add_rms_norm(x, self.mixer(h, batch, pool, index), self.mlp_norm, self.eps, self.backend)
+        return x, self.mlp(h)
 
 
 class HybridLM(nn.Module):
@@ -73,10 +78,10 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: Batch, pool: SlotPool) -> torch.Tensor:
         """Consume the packed new tokens input_ids [T] of the batch's sequences, reading and
         updating their slots; returns final hidden states [T, hidden]."""
-        x = self.embed[input_ids]
+        x, delta = self.embed[input_ids], None
         for index, block in enumerate(self.layers):
-            x = block(x, batch, pool, index)
-        return rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+            x, delta = block(x, delta, batch, pool, index)
+        return add_rms_norm(x, delta, self.final_norm, self.config.rms_norm_eps, self.backend)[0]
 
     def run(self, input_ids: torch.Tensor, state: SequenceState) -> torch.Tensor:
         """One sequence: consume input_ids [T] after the tokens already in `state`."""

@@ -25,9 +25,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(s), s) for s = x + delta (or x when delta is None): a block's residual add and the
+    norm after it. On the triton backend both are one kernel (kernels/norm.py) where the add, the casts
+    to and from fp32 and the norm were four."""
+    if backend == "triton":
+        from kernels import norm
+        if delta is None:
+            return norm.rms_norm(x, weight, eps), x
+        return norm.rms_norm(x, weight, eps, residual=delta)
+    if delta is not None:
+        x = x + delta
+    return rms_norm(x, weight, eps), x
+
+
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                   activation: str = "silu") -> torch.Tensor:
-    """rmsnorm(x) * w * act(gate), per head (the last dim), in fp32; act is silu or sigmoid."""
+                   activation: str = "silu", backend: str = "torch") -> torch.Tensor:
+    """rmsnorm(x) * w * act(gate), per head (the last dim), in fp32; act is silu or sigmoid.
+    x, gate: [T, heads, d] (gate may be a strided view). The triton backend's silu form is one
+    kernel (kernels/norm.py) where the casts, norm, silu and product were six."""
+    if backend == "triton" and gate is not None and activation == "silu":
+        from kernels import norm
+        return norm.gated_rms_norm(x, gate, weight, eps)
     out = rms_norm(x.float(), weight, eps)
     if gate is not None:
         gate = gate.float()
@@ -76,7 +96,7 @@ class GatedDeltaNet(nn.Module):
                                    pool.recurrent[layer], decode_only, self.backend)
 
         gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
-        o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation)
+        o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation, self.backend)
         return o.reshape(T, s.value_dim) @ self.out_proj.t()
 
 
