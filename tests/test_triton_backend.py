@@ -1,9 +1,11 @@
 """The model on the Triton kernels (run on CPU under TRITON_INTERPRET=1, as CI does) computes what
-it computes on the PyTorch reference: varlen prefill from fresh and carried state, then decode."""
+it computes on the PyTorch reference: varlen prefill from fresh and carried state, then decode; for
+a Qwen3.5 hybrid also through the padded decode step CUDA graphs capture."""
 
 import pytest
 import torch
 
+from engine.cuda_graphs import DecodeStep
 from engine.demo import write_gated_deltanet
 from engine.loader import load_model
 from engine.models.state import Batch
@@ -48,3 +50,38 @@ def test_triton_backend_matches_reference_through_prefill_and_decode(pair):
     for layer in range(SMALL["num_hidden_layers"]):
         torch.testing.assert_close(pools[1].recurrent[layer], pools[0].recurrent[layer], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(pools[1].conv[layer], pools[0].conv[layer])
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory):
+    from tiny_checkpoints import save_qwen3_5
+    folder = tmp_path_factory.mktemp("qwen3_5")
+    save_qwen3_5(folder, seed=5, num_hidden_layers=4)  # 3 Gated DeltaNet layers, then gated attention
+    return [load_model(folder, device="cpu", backend=b).model for b in ("torch", "triton")]
+
+
+def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_step(qwen_pair):
+    lens, slots = [6, 33, 2], [0, 2, 1]
+    prompts = torch.randint(0, 384, (sum(lens),), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in qwen_pair:
+        pool = model.new_pool(4, max_len=64)
+        for _ in range(4):
+            pool.allocate()
+        outs = [model.logits(model(prompts, Batch.build(lens, slots, [0, 0, 0], model.device), pool))]
+        step = DecodeStep(model, pool, max_batch=4, capture=False)  # pads 3 sequences to 4: one scratch row
+        positions = list(lens)
+        for i in range(3):
+            ids = [(17 * i + 5 * j) % 384 for j in range(3)]
+            outs.append(step.run(ids, slots, positions).clone())
+            positions = [p + 1 for p in positions]
+        sizes = [3, 1, 1]  # a mixed step: one prompt chunk beside two decodes
+        ids = torch.randint(0, 384, (sum(sizes),), generator=torch.Generator().manual_seed(4))
+        outs.append(model.logits(model(ids, Batch.build(sizes, slots, positions, model.device), pool)))
+        results.append((outs, pool))
+    (expected, ref_pool), (got, pool) = results
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4)
+    attn = 3
+    torch.testing.assert_close(pool.keys[attn], ref_pool.keys[attn], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pool.values[attn], ref_pool.values[attn], atol=1e-4, rtol=1e-4)

@@ -32,7 +32,7 @@ class Block(nn.Module):
         if self.is_linear:
             self.mixer = GatedDeltaNet(config.gdn, config.hidden_size, backend)
         else:
-            self.mixer = Attention(config.attention, config.hidden_size, config.rms_norm_eps)
+            self.mixer = Attention(config.attention, config.hidden_size, config.rms_norm_eps, backend)
         if config.moe is not None and config.moe_layers[index]:
             self.mlp = SparseMoE(config.moe, config.hidden_size)
         else:

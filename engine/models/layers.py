@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.config import AttentionSpec, GDNSpec, MoESpec
 from engine.models import attention, gdn_backend
+from engine.models.rope import apply_rope, rope_tables  # noqa: F401 (rope_tables: engine/default_model)
 from engine.models.state import Batch
 from engine.slots import SlotPool
 
@@ -100,32 +101,14 @@ class GatedDeltaNet(nn.Module):
         return o.reshape(T, s.value_dim) @ self.out_proj.t()
 
 
-def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [T, rotary_dim] in fp32 for the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32,
-                                             device=positions.device) / rotary_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([freqs, freqs], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; rotates the first cos.shape[-1] channels, passes the rest."""
-    rd = cos.shape[-1]
-    rot, rest = x[..., :rd], x[..., rd:]
-    half = rd // 2
-    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
-
-
 class Attention(nn.Module):
     """Softmax attention with GQA, optional q/k norm, partial RoPE, output gate and window."""
 
-    def __init__(self, spec: AttentionSpec, hidden_size: int, norm_eps: float):
+    def __init__(self, spec: AttentionSpec, hidden_size: int, norm_eps: float, backend: str = "torch"):
         super().__init__()
         self.spec = spec
         self.norm_eps = norm_eps
+        self.backend = backend
         s = spec
         q_rows = s.num_heads * s.head_dim * (2 if s.output_gate else 1)
         kv_rows = s.num_kv_heads * s.head_dim
@@ -147,20 +130,24 @@ class Attention(nn.Module):
         v = F.linear(x, self.v_proj, self.v_bias if s.qkv_bias else None)
         gate = None
         if s.output_gate:  # per head [query | gate]
-            q, gate = q.view(T, s.num_heads, 2 * s.head_dim).chunk(2, dim=-1)
-            gate = gate.reshape(T, s.num_heads * s.head_dim)
+            q, gate = q.view(T, s.num_heads, 2 * s.head_dim).chunk(2, dim=-1)  # views [T, heads, d]
         q = q.reshape(T, s.num_heads, s.head_dim)
-        k = k.reshape(T, s.num_kv_heads, s.head_dim)
-        v = v.reshape(T, s.num_kv_heads, s.head_dim)
-        if s.qk_norm:
-            q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
+        k = k.view(T, s.num_kv_heads, s.head_dim)
+        v = v.view(T, s.num_kv_heads, s.head_dim)
         positions = batch.positions
-        cos, sin = rope_tables(positions, s.rotary_dim, s.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
+        cos, sin = batch.rope_tables(s.rotary_dim, s.rope_theta)
         keys, values = pool.keys[layer], pool.values[layer]  # [slots, max_len, kv_heads, d]
-        keys[batch.token_slots, positions] = k
-        values[batch.token_slots, positions] = v
+        if self.backend == "triton":
+            from kernels.rope import qk_norm_rope_store
+            norms = (self.q_norm, self.k_norm) if s.qk_norm else (None, None)
+            q = qk_norm_rope_store(q, k, v, *norms, self.norm_eps, cos, sin, positions, batch.token_slots,
+                                   keys, values)
+        else:
+            if s.qk_norm:
+                q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            keys[batch.token_slots, positions] = k
+            values[batch.token_slots, positions] = v
         if batch.decode_only:
             length = batch.attn_len or max(batch.starts) + 1
             out = attention.attend_decode(q, positions, keys, values, batch.slot_ids, length, s.window)
@@ -168,7 +155,7 @@ class Attention(nn.Module):
             out = attention.attend_groups(q, positions, keys, values, batch.attention_groups, s.window)
         out = out.reshape(T, s.num_heads * s.head_dim)
         if gate is not None:
-            out = out * torch.sigmoid(gate)
+            out = out * torch.sigmoid(gate.reshape(T, s.num_heads * s.head_dim))
         return out @ self.o_proj.t()
 
 

@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 
 from engine.models.attention import QueryGroup, query_groups
+from engine.models.rope import rope_tables
 from engine.slots import SlotPool
 
 
@@ -55,6 +56,18 @@ class Batch:
     def attention_groups(self) -> list[QueryGroup]:
         """The batch's sequences as attention groups (models/attention.py), built once per forward."""
         return query_groups(self.lens, self.starts, self.slot_ids)
+
+    @cached_property
+    def _rope(self) -> dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]]:
+        return {}
+
+    def rope_tables(self, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, rotary_dim] fp32 at the batch's positions (models/rope.py), built once per forward
+        for all its attention layers."""
+        key = (rotary_dim, theta)
+        if key not in self._rope:
+            self._rope[key] = rope_tables(self.positions, rotary_dim, theta)
+        return self._rope[key]
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
