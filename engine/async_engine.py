@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.engine import LLMEngine
-from engine.request import RequestOutput
+from engine.request import RequestOutput, merge_outputs
 from engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,22 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", (request_id, prompt_ids, params)))
         finished = False
+        held = None  # an error taken from the queue behind outputs that go out first
         try:
             while not finished:
-                item = await stream.get()
+                item = held if held is not None else await stream.get()
+                held = None
                 if isinstance(item, BaseException):
                     raise item
+                # Whatever else queued up while this consumer was busy goes out with it: under
+                # load the event loop then handles one event per request per wake-up, not one per
+                # token, and keeps pace with the engine.
+                while not item.finished and not stream.empty():
+                    later = stream.get_nowait()
+                    if isinstance(later, BaseException):
+                        held = later
+                        break
+                    item = merge_outputs(item, later)
                 finished = item.finished
                 yield item
         finally:
@@ -124,8 +135,7 @@ class AsyncEngine:
                     log.exception("engine step failed")
                     self._fail_all(RuntimeError(f"engine step failed: {err}"))
                     continue
-                for output in outputs:
-                    self._deliver(output.request_id, output)
+                self._deliver_step(outputs)
 
     def _handle(self, command: tuple) -> None:
         kind, payload = command
@@ -149,9 +159,26 @@ class AsyncEngine:
             self.engine.abort(request_id)
             self._deliver(request_id, error)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs in one wake-up of each event loop (not one per request: each wake-up
+        costs the loop a self-pipe read and a callback while it should be writing responses)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for output in outputs:
+                target = self._streams.get(output.request_id)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], output))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:
             target = self._streams.get(request_id)
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)

@@ -34,6 +34,28 @@ class RequestOutput:
     num_generated_tokens: int = 0  # so far, over all choices
 
 
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two successive outputs of one request as one: each choice's deltas joined in order. A
+    consumer that fell behind the engine takes what queued up in one piece (one streamed event
+    instead of one per token)."""
+    assert earlier.request_id == later.request_id and not earlier.finished, "merging unrelated outputs"
+    merged: dict[int, CompletionOutput] = {}
+    for delta in earlier.outputs + later.outputs:
+        seen = merged.get(delta.index)
+        if seen is None:
+            merged[delta.index] = CompletionOutput(delta.index, delta.text, list(delta.token_ids), delta.logprobs,
+                                                   delta.finish_reason, delta.stop_reason)
+            continue
+        seen.text += delta.text
+        seen.token_ids += delta.token_ids
+        if delta.logprobs is not None:
+            seen.logprobs = (seen.logprobs or []) + delta.logprobs
+        seen.finish_reason, seen.stop_reason = delta.finish_reason, delta.stop_reason
+    return RequestOutput(later.request_id, list(merged.values()), later.prompt_token_ids,
+                         earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
+                         later.finished, later.num_prompt_tokens, later.num_generated_tokens)
+
+
 class Sequence:
     """One generated choice. Sequence 0 prefills the prompt; the others start from a copy of its
     state (fork) once the prompt is done, so a prompt is prefilled once for any n."""

@@ -3,6 +3,7 @@ always come back, n > 1 forks one prefill, stop strings and seeds behave."""
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -231,6 +232,35 @@ def test_async_consumer_that_leaves_frees_its_slot(loaded):
             engine.stop()
 
     asyncio.run(scenario())
+
+
+def test_async_consumer_that_falls_behind_gets_what_queued_in_one_piece(loaded):
+    """A slow consumer (a busy event loop) takes the outputs that queued up merged, in order, with
+    nothing lost: the same tokens, text and logprobs as the synchronous engine, in fewer pieces."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.8, seed=5, logprobs=2, n=2)
+    sync = _drive(LLMEngine(loaded, EngineConfig(max_num_seqs=4)), {0: [("r", _prompt(9, 3), params)]})
+
+    async def scenario():
+        engine = AsyncEngine(LLMEngine(loaded, EngineConfig(max_num_seqs=4)))
+        engine.start()
+        try:
+            pieces, tokens, texts, logprobs = 0, {}, {}, {}
+            async for out in engine.generate("r", _prompt(9, 3), params):
+                pieces += 1
+                for c in out.outputs:
+                    tokens.setdefault(c.index, []).extend(c.token_ids)
+                    texts[c.index] = texts.get(c.index, "") + c.text
+                    logprobs.setdefault(c.index, []).extend(c.logprobs or [])
+                time.sleep(0.05)  # blocks the loop, as serving many streams does, while the engine steps on
+            return pieces, tokens, texts, logprobs
+        finally:
+            engine.stop()
+
+    pieces, tokens, texts, logprobs = asyncio.run(scenario())
+    for index in (0, 1):
+        assert (tokens[index], texts[index]) == sync[("r", index)][:2]
+        assert len(logprobs[index]) == 24
+    assert pieces < 24
 
 
 def test_async_queue_bound_rejects_with_overloaded(loaded):
