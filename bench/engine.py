@@ -132,7 +132,10 @@ def check_graphs(loaded, prompt_len: int) -> None:
                 tokens.setdefault(out.request_id, []).extend(t for c in out.outputs for t in c.token_ids)
         outputs[graphs] = tokens
     same = sum(outputs[False][r] == outputs[True][r] for r in outputs[False])
-    report(what="graphs_vs_eager_greedy", requests_identical=same, of=len(outputs[False]))
+    agree = [next((i for i, (a, b) in enumerate(zip(outputs[False][r], outputs[True][r])) if a != b), 32)
+             for r in outputs[False]]  # leading tokens in common, per request
+    report(what="graphs_vs_eager_greedy", dtype=str(loaded.model.embed.dtype), requests_identical=same,
+           of=len(outputs[False]), leading_tokens_equal=agree)
 
 
 def capacity(loaded) -> None:
@@ -153,15 +156,20 @@ def main() -> None:
     parser.add_argument("--hf-batches", default="1,32,128")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--check-dtypes", default="bfloat16",
+                        help="dtypes in which to compare greedy tokens of graphed vs eager decode (e.g. float32,bfloat16)")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
     report(what="copy", TBps=round(copy_bw / 1e12, 3), gpu=torch.cuda.get_device_name())
     folder = Path(tempfile.mkdtemp())
     hf_model = build_model(folder)
     report(what="model", params_M=round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1))
+    for dtype in [d for d in args.check_dtypes.split(",") if d != "bfloat16"]:
+        check_graphs(load_model(folder, device="cuda", dtype=dtype), args.prompt)
     loaded = load_model(folder, device="cuda", dtype="bfloat16")
     capacity(loaded)
-    check_graphs(loaded, args.prompt)
+    if "bfloat16" in args.check_dtypes.split(","):
+        check_graphs(loaded, args.prompt)
     for b in [int(b) for b in args.batches.split(",") if b]:
         run_ours(loaded, b, args.prompt, args.new, copy_bw)
     for b in [int(b) for b in args.hf_batches.split(",") if b]:

@@ -113,7 +113,8 @@ def serve(model_dir: Path, device: str, concurrency: int, port: int) -> subproce
                              "--device", device,
                              "--max-num-seqs", str(concurrency), "--max-num-batched-tokens",
                              str(max(2048, concurrency)), "--no-request-log"], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
