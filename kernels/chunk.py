@@ -19,11 +19,13 @@ is evaluated is <= 0: masked entries are replaced by 0 with tl.where before exp2
 after. All index arithmetic is in int64.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from kernels.chunk_output import _output_kernel
 from kernels.chunk_state import _state_kernel
@@ -145,26 +147,67 @@ def chunk_gated_delta_rule_prefill(
     w = torch.empty(T, HV, K, dtype=dtype, device=dev)
     u = torch.empty(T, HV, V, dtype=dtype, device=dev)
     scratch = torch.empty(NC, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    _wy_kernel[(NC, HV)](
+    fit_key = (cfg, dtype, dev)
+    cfg = _FITTED.get(fit_key, cfg)
+    cfg = _launch_fitting(cfg, "wy", lambda c: _wy_kernel[(NC, HV)](
         k, v, g, beta, G, rk, w, u, scratch, cu, chunk_start, chunk_seq, N,
-        H=H, HV=HV, K=K, V=V, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
-        F32=f32, SOLVE_TOGETHER=cfg.wy_solve == "together", num_warps=cfg.wy_warps,
-    )
+        H=H, HV=HV, K=K, V=V, BK=c.wy_bk, BV=c.wy_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
+        F32=f32, SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps,
+    ))
 
     h = torch.empty(NC, HV, K, V, dtype=dtype, device=dev)  # state entering each chunk
     v_new = torch.empty(T, HV, V, dtype=dtype, device=dev)
     two_k = K > 128 or (cfg.state_split and K >= 32)
     BK = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
-    _state_kernel[(N * HV * triton.cdiv(V, cfg.state_bv),)](
+    cfg = _launch_fitting(cfg, "state", lambda c: _state_kernel[(N * HV * triton.cdiv(V, c.state_bv),)](
         k, w, u, G, rk, h, v_new, state_pool, slot_ids, has_initial_state, cu, chunk_start,
-        H=H, HV=HV, K=K, V=V, BK=BK, TWO_K=two_k, BV=cfg.state_bv, F32=f32,
-        num_warps=cfg.state_warps, num_stages=cfg.state_stages,
-    )
+        H=H, HV=HV, K=K, V=V, BK=BK, TWO_K=two_k, BV=c.state_bv, F32=f32,
+        num_warps=c.state_warps, num_stages=c.state_stages,
+    ))
 
     o = torch.empty(T, HV, V, dtype=dtype, device=dev)
-    _output_kernel[(NC * triton.cdiv(V, cfg.out_bv), HV)](
+    cfg = _launch_fitting(cfg, "out", lambda c: _output_kernel[(NC * triton.cdiv(V, c.out_bv), HV)](
         q, k, G, rk, h, v_new, o, cu, chunk_start, chunk_seq, N, scale,
-        H=H, HV=HV, K=K, V=V, BK=cfg.out_bk, BV=cfg.out_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
-        F32=f32, num_warps=cfg.out_warps, num_stages=cfg.out_stages,
-    )
+        H=H, HV=HV, K=K, V=V, BK=c.out_bk, BV=c.out_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
+        F32=f32, num_warps=c.out_warps, num_stages=c.out_stages,
+    ))
+    _FITTED[fit_key] = cfg
     return o
+
+
+# Launch shapes that fit this card's shared memory, by (asked-for config, input dtype, device).
+# pick_config's shapes come from bf16 sweeps on an H200; fp32 inputs need twice the shared memory
+# for the same tiles (the state pass asked for 241 KB of 227), as may a card with less of it.
+_FITTED: dict[tuple, ChunkConfig] = {}
+
+
+def _launch_fitting(cfg: ChunkConfig, kernel: str, launch: Callable[[ChunkConfig], object]) -> ChunkConfig:
+    """Launch with cfg; where the card has too little shared memory for it, with ever smaller
+    shapes for this kernel (Triton refuses before anything runs, so a retry is safe). Returns the
+    config that launched."""
+    while True:
+        try:
+            launch(cfg)
+            return cfg
+        except OutOfResources:
+            smaller = _shrink(cfg, kernel)
+            if smaller is None:
+                raise
+            cfg = smaller
+
+
+def _shrink(cfg: ChunkConfig, kernel: str) -> ChunkConfig | None:
+    """One step down for one kernel: fewer pipeline stages first, then narrower blocks."""
+    if kernel == "state":
+        if cfg.state_stages > 1:
+            return replace(cfg, state_stages=cfg.state_stages - 1)
+        return replace(cfg, state_bv=cfg.state_bv // 2) if cfg.state_bv > 16 else None
+    if kernel == "out":
+        if cfg.out_stages > 1:
+            return replace(cfg, out_stages=cfg.out_stages - 1)
+        if cfg.out_bk > 16:
+            return replace(cfg, out_bk=cfg.out_bk // 2)
+        return None  # out_bv is not narrowed: V blocks of 32 faulted on Triton 3.6 (see pick_config)
+    if cfg.wy_bv > 16:
+        return replace(cfg, wy_bv=cfg.wy_bv // 2)
+    return replace(cfg, wy_bk=cfg.wy_bk // 2) if cfg.wy_bk > 16 else None

@@ -126,3 +126,30 @@ def test_negative_slot_starts_from_zeros_and_writes_no_state():
     assert _rel(o, o_ref) < TOL[torch.float32]
     assert _rel(pool[1], s_ref[1]) < TOL[torch.float32]
     assert torch.equal(pool[0], before[0])
+
+
+def test_a_launch_shape_the_card_cannot_hold_steps_down_and_is_remembered(monkeypatch):
+    """fp32 inputs asked the state pass for more shared memory than an H200 has (241 of 227 KB):
+    Triton refuses before running anything; the prefill then uses fewer stages, same results."""
+    from triton.runtime.errors import OutOfResources
+
+    import kernels.chunk as chunk
+
+    real, asked = chunk._state_kernel, []
+
+    class SmallCard:  # the real kernel, on a card whose shared memory holds one stage only
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kw):
+                asked.append(num_stages)
+                if num_stages > 1:
+                    raise OutOfResources(246792, 232448, "shared memory")
+                return real[grid](*args, num_stages=num_stages, **kw)
+            return launch
+
+    monkeypatch.setattr(chunk, "_state_kernel", SmallCard())
+    monkeypatch.setattr(chunk, "_FITTED", {})
+    config = replace(pick_config(2, 2, 32, 32), state_stages=3)
+    _check([65, 30], 2, 2, 32, 32, torch.float32, [True, False], config=config)
+    assert asked == [3, 2, 1]
+    _check([40], 2, 2, 32, 32, torch.float32, [True], config=config, seed=1)
+    assert asked == [3, 2, 1, 1]  # the fitted shape straight away
