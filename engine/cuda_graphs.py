@@ -6,7 +6,8 @@ and attention length, a step is one graph launch. Sizes are padded up to the nex
 padded entries read and write the pool's scratch row. Attention reads each slot's buffer up to a
 fixed length (masked by position), the next of a few length buckets above the batch's longest
 sequence (powers of two, then the pool's max_len), so short sequences in a long-context pool do
-not read the whole buffer. Mixed steps (with prompt chunks) run eagerly.
+not read the whole buffer; on the triton backend, whose attention kernel stops at each sequence's
+position, one length (one graph per size) serves all. Mixed steps (with prompt chunks) run eagerly.
 
 `DecodeStep.run` is the same function captured or not: on CPU (and in tests) it runs eagerly with
 the same padding, which is how the padding logic is checked without a GPU.
@@ -51,7 +52,10 @@ class DecodeStep:
         device = model.device
         self.sizes = capture_sizes(max_batch)
         has_attention = any(keys is not None for keys in pool.keys)
-        self.lengths = attention_lengths(pool.max_len) if has_attention else [pool.max_len]
+        # The triton backend's decode attention stops at each sequence's own position (read on the device),
+        # so one graph per size serves every length; the torch form reads a fixed length per graph.
+        bucketed = has_attention and model.backend != "triton"
+        self.lengths = attention_lengths(pool.max_len) if bucketed else [pool.max_len]
         self.ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.slots = torch.full((max_batch,), pool.scratch, dtype=torch.int64, device=device)

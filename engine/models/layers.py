@@ -148,6 +148,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             keys[batch.token_slots, positions] = k
             values[batch.token_slots, positions] = v
+        if batch.decode_only and self.backend == "triton":  # reads the buffers in place, applies the gate
+            from kernels.decode_attention import decode_attention
+            out = decode_attention(q, gate, keys, values, positions, batch.slot_ids, s.window)
+            return out.view(T, s.num_heads * s.head_dim) @ self.o_proj.t()
         if batch.decode_only:
             length = batch.attn_len or max(batch.starts) + 1
             out = attention.attend_decode(q, positions, keys, values, batch.slot_ids, length, s.window)
