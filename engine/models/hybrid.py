@@ -36,7 +36,7 @@ class Block(nn.Module):
         if config.moe is not None and config.moe_layers[index]:
             self.mlp = SparseMoE(config.moe, config.hidden_size)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, backend)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None, batch: Batch, pool: SlotPool,
                 index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,13 +166,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, backend: str = "torch"):
         super().__init__()
+        self.backend = backend
         self.gate_up = _param(2 * intermediate_size, hidden_size)
         self.down = _param(hidden_size, intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.gate_up.t()).chunk(2, dim=-1)
+        gate_up = x @ self.gate_up.t()
+        if self.backend == "triton":  # silu and product in one kernel
+            from kernels.swiglu import silu_mul
+            return silu_mul(gate_up) @ self.down.t()
+        gate, up = gate_up.chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.down.t()
 
 

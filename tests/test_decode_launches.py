@@ -1,0 +1,32 @@
+"""A decode step's kernel count on the triton backend (bench/decode_ops.py's counter, on CPU under the
+Triton interpreter): what a CUDA graph replays per token. The fused kernels must stay in use; a
+regression shows as torch ops coming back (norms, activations, attention's gathers) or the total
+rising past what was measured (262 per 24-layer step at B=1 and B=4; 752 before the fusions)."""
+
+import pytest
+import torch
+
+from bench.decode_ops import count_decode_step, random_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("triton", torch.bfloat16)  # 24 layers: 18 Gated DeltaNet + 6 gated attention
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_triton_decode_step_launches_the_fused_kernels_and_no_more(model, batch):
+    counts = count_decode_step(model, batch).counts
+    gdn, attn, layers = 18, 6, 24
+    assert counts["triton:_fused_recurrent_decode_kernel"] == gdn
+    assert counts["triton:_causal_conv1d_step_kernel"] == gdn
+    assert counts["triton:_gated_rms_norm_kernel"] == gdn
+    assert counts["triton:_rms_norm_kernel"] == 2 * layers + 1  # residual add + norm, fused
+    assert counts["triton:_qk_norm_rope_store_kernel"] == attn
+    assert counts["triton:_decode_attention_kernel"] == attn
+    assert counts["triton:_silu_mul_kernel"] == layers
+    for torch_form in ("rms_norm", "silu", "sigmoid", "add", "index_put", "scaled_dot_product_attention", "cat"):
+        assert counts[torch_form] <= 1, f"{torch_form} is back on the decode path: {counts[torch_form]} launches"
+    # The RoPE tables are built once per step, not per layer.
+    assert counts["cos"] == counts["sin"] == 1
+    assert sum(counts.values()) <= 280, counts
