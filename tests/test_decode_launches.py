@@ -1,7 +1,7 @@
 """A decode step's kernel count on the triton backend (bench/decode_ops.py's counter, on CPU under the
 Triton interpreter): what a CUDA graph replays per token. The fused kernels must stay in use; a
 regression shows as torch ops coming back (norms, activations, attention's gathers) or the total
-rising past what was measured (262 per 24-layer step at B=1 and B=4; 752 before the fusions)."""
+rising past what was measured with headroom (250 per 24-layer step at B=1 and B=4; 752 before the fusions)."""
 
 import pytest
 import torch
@@ -29,4 +29,5 @@ def test_a_triton_decode_step_launches_the_fused_kernels_and_no_more(model, batc
         assert counts[torch_form] <= 1, f"{torch_form} is back on the decode path: {counts[torch_form]} launches"
     # The RoPE tables are built once per step, not per layer.
     assert counts["cos"] == counts["sin"] == 1
-    assert sum(counts.values()) <= 280, counts
+    assert counts["linear"] == attn  # q, k and v in one matmul
+    assert sum(counts.values()) <= 270, counts

@@ -126,15 +126,13 @@ def _take_gdn(reader: CheckpointReader, prefix: str, s: GDNSpec, hidden: int) ->
 
 def _take_attention(reader: CheckpointReader, prefix: str, spec: AttentionSpec, hidden: int) -> dict[str, torch.Tensor]:
     q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    rows = (("q", q_rows), ("k", kv_rows), ("v", kv_rows))
     out = {
-        "q_proj": reader.take(f"{prefix}.q_proj.weight", (q_rows, hidden)),
-        "k_proj": reader.take(f"{prefix}.k_proj.weight", (kv_rows, hidden)),
-        "v_proj": reader.take(f"{prefix}.v_proj.weight", (kv_rows, hidden)),
+        "qkv_proj": torch.cat([reader.take(f"{prefix}.{x}_proj.weight", (n, hidden)) for x, n in rows]),
         "o_proj": reader.take(f"{prefix}.o_proj.weight", (hidden, q_rows)),
     }
     if spec.qkv_bias:
-        for x, n in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-            out[f"{x}_bias"] = reader.take(f"{prefix}.{x}_proj.bias", (n,))
+        out["qkv_bias"] = torch.cat([reader.take(f"{prefix}.{x}_proj.bias", (n,)) for x, n in rows])
     return out
 
 

@@ -112,12 +112,12 @@ class Attention(nn.Module):
         s = spec
         q_rows = s.num_heads * s.head_dim * (2 if s.output_gate else 1)
         kv_rows = s.num_kv_heads * s.head_dim
-        self.q_proj = _param(q_rows, hidden_size)
-        self.k_proj = _param(kv_rows, hidden_size)
-        self.v_proj = _param(kv_rows, hidden_size)
+        self.rows = [q_rows, kv_rows, kv_rows]
+        # One matmul for q, k and v: rows [q (per head [query | gate] with the output gate) | k | v].
+        self.qkv_proj = _param(sum(self.rows), hidden_size)
         self.o_proj = _param(hidden_size, s.num_heads * s.head_dim)
         if s.qkv_bias:
-            self.q_bias, self.k_bias, self.v_bias = _param(q_rows), _param(kv_rows), _param(kv_rows)
+            self.qkv_bias = _param(sum(self.rows))
         if s.qk_norm:
             self.q_norm = _param(s.head_dim, fp32=True)
             self.k_norm = _param(s.head_dim, fp32=True)
@@ -125,9 +125,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int) -> torch.Tensor:
         s = self.spec
         T = x.shape[0]
-        q = F.linear(x, self.q_proj, self.q_bias if s.qkv_bias else None)
-        k = F.linear(x, self.k_proj, self.k_bias if s.qkv_bias else None)
-        v = F.linear(x, self.v_proj, self.v_bias if s.qkv_bias else None)
+        qkv = F.linear(x, self.qkv_proj, self.qkv_bias if s.qkv_bias else None)
+        q, k, v = qkv.split(self.rows, dim=-1)  # views [T, rows]
         gate = None
         if s.output_gate:  # per head [query | gate]
             q, gate = q.view(T, s.num_heads, 2 * s.head_dim).chunk(2, dim=-1)  # views [T, heads, d]

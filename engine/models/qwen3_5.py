@@ -118,9 +118,9 @@ def take_attention(reader: CheckpointReader, prefix: str, spec: AttentionSpec, h
     q_rows = spec.num_heads * spec.head_dim * 2
     kv_rows = spec.num_kv_heads * spec.head_dim
     return {
-        "q_proj": reader.take(f"{prefix}.q_proj.weight", (q_rows, hidden)),
-        "k_proj": reader.take(f"{prefix}.k_proj.weight", (kv_rows, hidden)),
-        "v_proj": reader.take(f"{prefix}.v_proj.weight", (kv_rows, hidden)),
+        "qkv_proj": torch.cat([reader.take(f"{prefix}.q_proj.weight", (q_rows, hidden)),
+                               reader.take(f"{prefix}.k_proj.weight", (kv_rows, hidden)),
+                               reader.take(f"{prefix}.v_proj.weight", (kv_rows, hidden))]),
         "o_proj": reader.take(f"{prefix}.o_proj.weight", (hidden, spec.num_heads * spec.head_dim)),
         "q_norm": take_norm(reader, f"{prefix}.q_norm.weight", spec.head_dim, zero_centered=True),
         "k_norm": take_norm(reader, f"{prefix}.k_norm.weight", spec.head_dim, zero_centered=True),
