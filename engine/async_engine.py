@@ -1,9 +1,9 @@
 """The engine as the server uses it: submit a request, iterate its outputs, abort.
 
-The step loop runs in one background thread (the model and the slot pool belong to it alone);
-coroutines talk to it through a command queue, and it hands outputs back to each request's
-asyncio queue on the event loop. A consumer that stops iterating (a client that went away)
-aborts its request, which frees its slots before the next step.
+The step loop runs off the event loop: in a background thread here (AsyncEngine), or in a process of
+its own (engine/engine_process.py). Either way coroutines hand it commands, and what each step produces
+comes back to the requests' asyncio queues in one event-loop wake-up. A consumer that stops iterating
+(a client that went away) aborts its request, which frees its slots before the next step.
 """
 
 from __future__ import annotations
@@ -12,14 +12,19 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from engine.engine import LLMEngine
+from engine.engine import LLMEngine, RequestLimits
 from engine.request import RequestOutput, merge_outputs
 from engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# What a request gets from the engine: an output, or the error that ends it.
+Delivery = tuple[str, RequestOutput | BaseException]
+# To the step loop: ("add", (request_id, prompt_ids, params)), ("abort", request_id) or ("stop", None).
+Command = tuple[str, object]
 
 
 class EngineOverloaded(Exception):
@@ -30,61 +35,176 @@ class EngineStopped(Exception):
     """The engine is shutting down and takes no new requests."""
 
 
+class EngineDead(Exception):
+    """The engine process exited while serving; nothing more can be generated."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     num_running: int  # requests admitted (holding slots)
     num_waiting: int  # requests queued for a slot
     slots_used: int
     slots_total: int
+    alive: bool = True  # False once the engine process has died
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int = 1024):
-        self.engine = engine
-        self.max_queued_requests = max_queued_requests
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+def engine_stats(engine: LLMEngine) -> EngineStats:
+    sched, pool = engine.scheduler, engine.pool
+    return EngineStats(len(sched.running), len(sched.waiting), pool.capacity - pool.num_free, pool.capacity)
+
+
+# ---- the step loop, in a thread or in the engine process ---------------------------------------------
+
+
+def run_step_loop(engine: LLMEngine, take: Callable[[bool], list[Command]],
+                  emit: Callable[[list[Delivery]], None]) -> None:
+    """Until a stop command: take the pending commands (take(block) waits for one only when the engine
+    is idle), apply them, step, and emit everything this produced as one list. On stop, every request
+    still in the engine ends with EngineStopped."""
+    while True:
+        deliveries: list[Delivery] = []
+        for kind, payload in take(not engine.has_work()):
+            if kind == "stop":
+                emit(deliveries + _fail_all(engine, EngineStopped("the engine stopped")))
+                return
+            deliveries += _apply(engine, kind, payload)
+        if engine.has_work():
+            try:
+                deliveries += [(output.request_id, output) for output in engine.step()]
+            except Exception as err:  # a bug or an OOM: fail what was running, keep serving
+                log.exception("engine step failed")
+                deliveries += _fail_all(engine, RuntimeError(f"engine step failed: {err}"))
+        emit(deliveries)
+
+
+def _apply(engine: LLMEngine, kind: str, payload) -> list[Delivery]:
+    if kind == "add":
+        request_id, prompt_ids, params = payload
+        try:
+            engine.add_request(request_id, prompt_ids, params)
+        except ValueError as err:
+            return [(request_id, ValueError(str(err)))]
+        except Exception as err:  # as a plain RuntimeError: it may cross a process boundary
+            return [(request_id, RuntimeError(f"the engine refused the request: {err}"))]
+        return []
+    assert kind == "abort", f"unknown engine command {kind!r}"
+    output = engine.abort(payload)
+    return [] if output is None else [(payload, output)]
+
+
+def _fail_all(engine: LLMEngine, error: Exception) -> list[Delivery]:
+    failed = []
+    for request_id in list(engine.requests):
+        engine.abort(request_id)
+        failed.append((request_id, error))
+    return failed
+
+
+# ---- streams, on the event loop -----------------------------------------------------------------------
+
+
+class StreamTable:
+    """The asyncio queue of every open request, filled from the thread that receives the engine's
+    deliveries. One step's deliveries reach each event loop in one wake-up (not one per request: each
+    wake-up costs the loop a self-pipe read and a callback while it should be writing responses)."""
+
+    def __init__(self) -> None:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()  # guards _streams and _pending between loop and thread
-        self._pending = 0  # submitted, not yet admitted by the scheduler
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        stream: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            assert request_id not in self._streams, f"duplicate request id {request_id}"
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        return stream
+
+    def close(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        with self._lock:
+            for request_id, item in deliveries:
+                target = self._streams.get(request_id)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], item))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is left to read these streams
+                pass
+
+    def fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            request_ids = list(self._streams)
+        self.deliver([(request_id, error) for request_id in request_ids])
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)
+
+
+class EngineClient:
+    """What the server needs from an engine, wherever its step loop runs: generate, abort, validate,
+    max_model_len, stats, start and stop. Subclasses submit commands and deliver into self._streams."""
+
+    def __init__(self, max_queued_requests: int):
+        self.max_queued_requests = max_queued_requests
+        self._streams = StreamTable()
         self._stopping = False
+        self._error: BaseException | None = None  # set when the engine can no longer run anything
 
-    # ---- lifecycle ------------------------------------------------------------------------------
+    # ---- to provide -----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="deltaserve-engine", daemon=True)
-        self._thread.start()
+    @property
+    def limits(self) -> RequestLimits:
+        raise NotImplementedError
 
-    def stop(self) -> None:
-        self._stopping = True
-        self._commands.put(("stop", None))
-        if self._thread is not None:
-            self._thread.join()
+    def num_queued(self) -> int:
+        """Requests submitted and not yet admitted by the scheduler."""
+        raise NotImplementedError
 
-    def stats(self) -> EngineStats:
-        sched, pool = self.engine.scheduler, self.engine.pool
-        return EngineStats(len(sched.running), len(sched.waiting) + self._commands.qsize(),
-                           pool.capacity - pool.num_free, pool.capacity)
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        raise NotImplementedError
 
-    # ---- requests -------------------------------------------------------------------------------
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------------------------
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine can no longer run anything (its process died), or None."""
+        return self._error
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.limits.max_model_len
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError with a user-facing message for a request that can never run."""
+        self.limits.check(prompt_ids, params)
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they are produced; the last has finished=True. Raises
-        ValueError for a request that can never run, EngineOverloaded when the queue is full."""
+        """Outputs of one request as they are produced; the last has finished=True. Raises ValueError
+        for a request that can never run, EngineOverloaded when the queue is full, EngineStopped when
+        shutting down, EngineDead when the engine process is gone."""
         if self._stopping:
             raise EngineStopped("the server is shutting down")
-        self.engine.validate(prompt_ids, params)
-        stream: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if self._pending + len(self.engine.scheduler.waiting) >= self.max_queued_requests:
-                raise EngineOverloaded(f"{self.max_queued_requests} requests are already waiting")
-            self._pending += 1
-            self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", (request_id, prompt_ids, params)))
+        self.validate(prompt_ids, params)
+        if self.num_queued() >= self.max_queued_requests:
+            raise EngineOverloaded(f"{self.max_queued_requests} requests are already waiting")
+        stream = self._streams.open(request_id)
         finished = False
         held = None  # an error taken from the queue behind outputs that go out first
         try:
+            if self._error is not None:  # checked after open: a failure from now on reaches this stream
+                raise self._error
+            self._submit(request_id, prompt_ids, params)
             while not finished:
                 item = held if held is not None else await stream.get()
                 held = None
@@ -100,85 +220,65 @@ class AsyncEngine:
                         break
                     item = merge_outputs(item, later)
                 finished = item.finished
+                item.prompt_token_ids = prompt_ids  # the engine process does not send it back with every output
                 yield item
         finally:
-            if not finished:  # the consumer went away (or failed): free the slots now
+            if not finished and self._error is None:  # the consumer went away (or failed): free the slots now
                 self.abort(request_id)
-            with self._lock:
-                self._streams.pop(request_id, None)
+            self._streams.close(request_id)
+
+
+class AsyncEngine(EngineClient):
+    """The step loop in a thread of this process: the model and the slot pool belong to that thread."""
+
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = 1024):
+        super().__init__(max_queued_requests)
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _pending between the event loop and the thread
+        self._pending = 0  # submitted, not yet taken by the step loop
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=run_step_loop, args=(self.engine, self._take, self._streams.deliver),
+                                        name="deltaserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join()
+
+    def stats(self) -> EngineStats:
+        stats = engine_stats(self.engine)
+        return EngineStats(stats.num_running, stats.num_waiting + self._pending, stats.slots_used, stats.slots_total)
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self.engine.limits
+
+    def num_queued(self) -> int:
+        return self._pending + len(self.engine.scheduler.waiting)
+
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        with self._lock:
+            self._pending += 1
+        self._commands.put(("add", (request_id, prompt_ids, params)))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    # ---- the engine thread ----------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            block = not self.engine.has_work()
-            try:
-                command = self._commands.get(block=block, timeout=None if block else 0)
-            except queue.Empty:
-                command = None
-            while command is not None:
-                if command[0] == "stop":
-                    self._fail_all(EngineStopped("the engine stopped"))
-                    return
-                self._handle(command)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = None
-            if self.engine.has_work():
-                try:
-                    outputs = self.engine.step()
-                except Exception as err:  # a bug or an OOM: fail what was running, keep serving
-                    log.exception("engine step failed")
-                    self._fail_all(RuntimeError(f"engine step failed: {err}"))
-                    continue
-                self._deliver_step(outputs)
-
-    def _handle(self, command: tuple) -> None:
-        kind, payload = command
-        if kind == "add":
-            request_id, prompt_ids, params = payload
+    def _take(self, block: bool) -> list[Command]:
+        commands = []
+        try:
+            commands.append(self._commands.get(block=block))
+            while True:
+                commands.append(self._commands.get_nowait())
+        except queue.Empty:
+            pass
+        adds = sum(kind == "add" for kind, _ in commands)
+        if adds:
             with self._lock:
-                self._pending -= 1
-            if request_id not in self._streams:
-                return  # aborted before it arrived
-            try:
-                self.engine.add_request(request_id, prompt_ids, params)
-            except Exception as err:
-                self._deliver(request_id, err)
-        elif kind == "abort":
-            output = self.engine.abort(payload)
-            if output is not None:
-                self._deliver(payload, output)
-
-    def _fail_all(self, error: Exception) -> None:
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-            self._deliver(request_id, error)
-
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs in one wake-up of each event loop (not one per request: each wake-up
-        costs the loop a self-pipe read and a callback while it should be writing responses)."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        with self._lock:
-            for output in outputs:
-                target = self._streams.get(output.request_id)
-                if target is not None:
-                    batches.setdefault(target[0], []).append((target[1], output))
-        for loop, items in batches.items():
-            loop.call_soon_threadsafe(_put_all, items)
-
-    def _deliver(self, request_id: str, item) -> None:
-        with self._lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
-
-
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for stream, item in items:
-        stream.put_nowait(item)
+                self._pending -= adds
+        return commands

@@ -40,6 +40,29 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must respect to run at all; known wherever requests are accepted (the engine
+    process sends them to the server process, which checks requests before they cross over)."""
+
+    vocab_size: int
+    max_model_len: int | None
+    max_num_seqs: int  # sequences decoding at once: the most choices (n) one request may ask for
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError with a user-facing message for a request that can never run."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context limit of {self.max_model_len} tokens")
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds the {self.max_num_seqs} sequences the engine runs")
+
+
 def plan_num_slots(loaded: LoadedModel, config: EngineConfig, max_len: int | None) -> int:
     """As many slots as asked for, or fewer when their state would not fit in GPU memory."""
     model = loaded.model
@@ -82,19 +105,13 @@ class LLMEngine:
 
     # ---- requests in and out ----------------------------------------------------------------
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.loaded.config.vocab_size, self.max_model_len, self.scheduler.max_num_seqs)
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError with a user-facing message for a request that can never run."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.loaded.config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context limit of {self.max_model_len} tokens")
-        if params.n > self.scheduler.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds the {self.scheduler.max_num_seqs} sequences the engine runs")
+        self.limits.check(prompt_ids, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
         self.validate(prompt_ids, params)

@@ -85,8 +85,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health", responses={200: {"content": {"application/json": {}}}, 503: _ERR})
     async def health() -> JSONResponse:
-        if state.draining:
-            raise errors.unavailable("the server is shutting down")
+        state.check_serving()
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

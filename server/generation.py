@@ -4,7 +4,7 @@ A completion request may carry many prompts (lm-eval sends batches of them); eac
 request, all submitted at once so the scheduler batches them. Every output passes through here, which
 is where metrics are fed and the request's log line is written. A client that goes away (watched while
 no response has started; Starlette watches once a stream has) cancels the feeders, and leaving
-AsyncEngine.generate early aborts the engine requests and frees their slots.
+the engine's generate early aborts the engine requests and frees their slots.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Generation:
             self.state.check_accepting()
             for ids in self.prompts:  # refuse the whole request before any part of it runs
                 try:
-                    self.state.engine.engine.validate(ids, self.params)
+                    self.state.engine.validate(ids, self.params)
                 except ValueError as err:
                     raise engine_error(err) from None
             self.state.active.add(self)
@@ -115,7 +115,7 @@ class Generation:
 
     def close(self) -> None:
         """Idempotent and synchronous (it may run inside a cancelled scope): cancelling a feeder makes
-        AsyncEngine.generate abort its request."""
+        the engine's generate abort its request."""
         if self._closed:
             return
         self._closed = True

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import EngineClient
 from engine.tokenizer import Tokenizer
 from server.errors import APIError, unavailable
 from server.logprobs import TokenTexts
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: EngineClient  # AsyncEngine (a thread) or ProcessEngine (a process of its own)
     tokenizer: Tokenizer
     served_names: list[str]  # the first is the name answers carry
     model_path: Path
@@ -43,7 +43,14 @@ class ServerState:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
+    def check_serving(self) -> None:
+        """503 while draining, and for good once the engine process has died (a supervisor restarts us)."""
+        if self.draining:
+            raise unavailable("the server is shutting down")
+        if self.engine.error is not None:
+            raise unavailable(f"the engine is gone: {self.engine.error}; restart the server")
+
     def check_accepting(self) -> None:
         if self.draining:
             self.metrics.reject("draining")
-            raise unavailable("the server is shutting down")
+        self.check_serving()
