@@ -8,6 +8,7 @@ tokens with ignore_eos. Throughput = generated tokens / wall time from the first
 token. Prints a table and writes JSON to $OUT/server_throughput.json if OUT is set.
 
     python bench/server_throughput.py [--concurrency 64 256] [--prompt-len 128] [--max-tokens 256]
+                                      [--engine-process auto|on|off]
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ def http_streams(url: str, concurrency: int, prompt_len: int, max_tokens: int, s
     return tokens / (max(p[2] for p in parts) - min(p[1] for p in parts))
 
 
-def serve(model_dir: Path, device: str, concurrency: int, port: int) -> subprocess.Popen:
+def serve(model_dir: Path, device: str, concurrency: int, port: int, engine_process: str | None) -> subprocess.Popen:
+    options = [] if engine_process is None else ["--engine-process", engine_process]
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(port),
                              "--device", device,
                              "--max-num-seqs", str(concurrency), "--max-num-batched-tokens",
-                             str(max(2048, concurrency)), "--no-request-log"], cwd=REPO,
+                             str(max(2048, concurrency)), "--no-request-log", *options], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                 filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     deadline = time.monotonic() + 300
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8431)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: checks the bench runs, on CPU too")
+    parser.add_argument("--engine-process", choices=["auto", "on", "off"], default=None,
+                        help="passed to the server (default: the server's own default)")
     args = parser.parse_args()
 
     config = TINY if args.tiny else CONFIG
@@ -144,7 +148,7 @@ def main() -> None:
     rows = []
     for c in args.concurrency:
         engine_tps = engine_alone(loaded, c, args.prompt_len, args.max_tokens)
-        proc = serve(model_dir, args.device, c, args.port)
+        proc = serve(model_dir, args.device, c, args.port, args.engine_process)
         try:
             url = f"http://127.0.0.1:{args.port}"
             http_streams(url, c, args.prompt_len, args.max_tokens, seed=1)  # warm-up: compiles, connections
@@ -157,7 +161,7 @@ def main() -> None:
         print(f"C={c:4d}  engine {engine_tps:9.0f} tok/s  http {http_tps:9.0f} tok/s  "
               f"ratio {http_tps / engine_tps:.3f}", flush=True)
     card = torch.cuda.get_device_name() if loaded.model.device.type == "cuda" else "cpu"
-    result = {"card": card, "torch": torch.__version__, "config": config,
+    result = {"card": card, "torch": torch.__version__, "config": config, "engine_process": args.engine_process,
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "rows": rows}
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "server_throughput.json").write_text(json.dumps(result, indent=1))

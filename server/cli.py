@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-cuda-graphs", action="store_true",
                        help="run decode steps eagerly on CUDA instead of replaying captured CUDA graphs "
                             "(slower; for debugging)")
+    serve.add_argument("--engine-process", default="auto", choices=["auto", "on", "off"],
+                       help="on: the engine steps in a process of its own, which loads the weights, while the "
+                            "server process only reads the config and tokenizer and streams; the engine then "
+                            "never waits for the per-token HTTP work, which would otherwise share one Python "
+                            "interpreter lock with it (streaming throughput under many concurrent requests). "
+                            "off: the engine runs in a thread of the server process. auto: on with a cuda "
+                            "device, off on cpu, where the engine and the server compete for few cores anyway "
+                            "(default: auto)")
 
     complete = sub.add_parser("complete", help="stream one completion from a running server",
                               description="Send one prompt to a running deltaserve (or OpenAI-compatible) server "
@@ -186,9 +194,12 @@ def run_models(_args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from engine.default_model import SHIPPED_MODEL_NAME
     from engine.engine import EngineConfig
-    from engine.loader import load_model
+    from engine.engine_process import ModelSpec
+    from engine.loader import resolve_device
     from server.serve import ServerConfig, serve
 
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
@@ -206,8 +217,10 @@ def run_serve(args: argparse.Namespace) -> None:
     config = ServerConfig(host=args.host, port=args.port, served_model_names=names,
                           max_queued_requests=args.max_queued_requests, drain_timeout_s=args.drain_timeout,
                           log_level=args.log_level, log_requests=not args.no_request_log)
-    loaded = load_model(model_dir, device=args.device, dtype=args.dtype, backend=args.kernels)
-    serve(loaded, engine_config, config)
+    model = ModelSpec(Path(model_dir).expanduser(), device=args.device, dtype=args.dtype, backend=args.kernels)
+    on_cuda = resolve_device(args.device).type == "cuda"
+    serve(model, engine_config, config, engine_process=args.engine_process == "on" or
+          (args.engine_process == "auto" and on_cuda))
 
 
 def run_complete(args: argparse.Namespace) -> None:

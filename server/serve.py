@@ -1,4 +1,5 @@
-"""Start the server: load the model, start the engine, run uvicorn; drain on SIGTERM.
+"""Start the server: start the engine (in a thread of this process, or in a process of its own that
+loads the weights while this one reads only the config and tokenizer), run uvicorn; drain on SIGTERM.
 
 Draining: the first SIGTERM (or Ctrl-C) sets the drain switch, so /health answers 503 and new requests
 get 503, while requests already running finish, for up to the drain timeout; what is still running
@@ -17,9 +18,13 @@ from pathlib import Path
 
 import uvicorn
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, EngineClient
+from engine.config import ModelConfig, read_config_json
 from engine.engine import EngineConfig, LLMEngine
+from engine.engine_process import ModelSpec, ProcessEngine
 from engine.loader import LoadedModel
+from engine.models import family_for
+from engine.tokenizer import Tokenizer
 from server.app import build_app
 from server.metrics import Metrics
 from server.state import ServerState
@@ -41,11 +46,24 @@ class ServerConfig:
 
 
 def build_state(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> ServerState:
+    """The state of a server whose engine runs in a thread of this process (not started yet)."""
     engine = AsyncEngine(LLMEngine(loaded, engine_config), max_queued_requests=config.max_queued_requests)
-    names = list(config.served_model_names) or [Path(loaded.path).name]
-    return ServerState(engine=engine, tokenizer=loaded.tokenizer, served_names=names, model_path=Path(loaded.path),
-                       vocab_size=loaded.config.vocab_size, max_model_len=engine.engine.max_model_len,
+    return state_for(engine, Path(loaded.path), loaded.config, loaded.tokenizer, config)
+
+
+def state_for(engine: EngineClient, model_path: Path, model_config: ModelConfig, tokenizer: Tokenizer,
+              config: ServerConfig) -> ServerState:
+    """engine.max_model_len must be known: a ProcessEngine learns it when it starts."""
+    names = list(config.served_model_names) or [model_path.name]
+    return ServerState(engine=engine, tokenizer=tokenizer, served_names=names, model_path=model_path,
+                       vocab_size=model_config.vocab_size, max_model_len=engine.max_model_len,
                        metrics=Metrics(names[0]))
+
+
+def read_config_and_tokenizer(model_dir: Path) -> tuple[ModelConfig, Tokenizer]:
+    """What this process needs of a model whose weights the engine process loads; no weight is read."""
+    raw = read_config_json(model_dir)
+    return family_for(raw.get("model_type")).parse_config(raw), Tokenizer.from_dir(model_dir)
 
 
 class DrainingServer(uvicorn.Server):
@@ -110,13 +128,20 @@ def setup_request_log(enabled: bool) -> None:
         logger.setLevel(logging.CRITICAL + 1)
 
 
-def serve(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> None:
-    """Block until the server has drained and stopped."""
+def serve(model: ModelSpec, engine_config: EngineConfig, config: ServerConfig, engine_process: bool) -> None:
+    """Block until the server has drained and stopped. engine_process: the engine steps in a process of its
+    own, so that its Python work and the event loop's per-token work do not share one GIL."""
     setup_request_log(config.log_requests)
-    state = build_state(loaded, engine_config, config)
-    server = make_server(state, config)
-    state.engine.start()
+    engine: EngineClient
+    if engine_process:
+        model_config, tokenizer = read_config_and_tokenizer(model.path)  # every cheap check, before the spawn
+        engine = ProcessEngine(model, engine_config, max_queued_requests=config.max_queued_requests)
+    else:
+        loaded = model.load()
+        model_config, tokenizer = loaded.config, loaded.tokenizer
+        engine = AsyncEngine(LLMEngine(loaded, engine_config), max_queued_requests=config.max_queued_requests)
+    engine.start()
     try:
-        server.run()
+        make_server(state_for(engine, model.path, model_config, tokenizer, config), config).run()
     finally:
-        state.engine.stop()
+        engine.stop()

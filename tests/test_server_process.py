@@ -3,12 +3,17 @@ finishes (or is aborted at the drain timeout), then the process exits cleanly; a
 subprocess, stopped as a container runtime would stop it."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import httpx
 
-from server_harness import MODEL_NAME, free_port, start_subprocess, wait_healthy, write_tiny_model
+from server_harness import REPO, MODEL_NAME, free_port, start_subprocess, wait_healthy, write_tiny_model
 
 
 def test_sigterm_lets_a_running_stream_finish_then_exits(tmp_path):
@@ -79,3 +84,56 @@ def test_serve_refuses_bad_options_with_one_error_line():
 
     assert main(["serve", "--max-num-seqs", "0"]) == 2
     assert main(["serve", "--drain-timeout", "-1"]) == 2
+
+
+def _children(pid: int) -> dict[int, str]:
+    """pid -> command line of each live child process of pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_engine_in_its_own_process_streams_the_whole_answer_and_leaves_with_the_server(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--engine-process", "on", "--device", "cpu",
+                             "--model", str(write_tiny_model(tmp_path / "m")), "--port", str(port),
+                             "--served-model-name", MODEL_NAME], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(url, proc)
+        children = _children(proc.pid)
+        assert any("multiprocessing.spawn" in cmdline for cmdline in children.values()), children
+        body = {"model": MODEL_NAME, "prompt": "The cat", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        whole = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+        streamed = []
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    streamed.append(json.loads(line[len("data: "):])["choices"][0]["text"])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(streamed) > 1 and "".join(streamed) == whole != ""
+    deadline = time.monotonic() + 5
+    while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in children), "the engine process outlived the server"
