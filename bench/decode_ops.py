@@ -138,8 +138,9 @@ def random_model(backend: str, dtype: torch.dtype, shape: dict = SHAPE, seed: in
     return model.eval()
 
 
-def count_decode_step(model: HybridLM, batch: int, position: int = 40, max_len: int = 128) -> LaunchCounter:
-    """Launches of one decode step of `batch` sequences at `position` through DecodeStep (uncaptured)."""
+def count_decode_step(model: HybridLM, batch: int, position: int = 40, max_len: int = 640) -> LaunchCounter:
+    """Launches of one decode step of `batch` sequences at `position` through DecodeStep (uncaptured), in a
+    pool of max_len positions (bench/engine.py: 512 + 128)."""
     pool = model.new_pool(batch, max_len=max_len)
     slots = [pool.allocate() for _ in range(batch)]
     step = DecodeStep(model, pool, max_batch=batch, capture=False)
