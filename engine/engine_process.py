@@ -234,7 +234,6 @@ def _engine_main(model: ModelSpec, config: EngineConfig, commands: Connection, e
         log.exception("the engine failed to start")
         events.send(("failed", f"the engine failed to start: {type(err).__name__}: {err}"))
         return
-    events.send(("ready", engine.limits, engine_stats(engine)))
     adds_seen = 0
 
     def take(block: bool) -> list[Command]:
@@ -251,6 +250,7 @@ def _engine_main(model: ModelSpec, config: EngineConfig, commands: Connection, e
                      adds_seen))
 
     try:
+        events.send(("ready", engine.limits, engine_stats(engine)))
         run_step_loop(engine, take, emit)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         log.warning("the server process is gone: the engine process exits")
