@@ -80,8 +80,10 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
+            engine = self.state.engine
+            where = f", engine process {engine.pid}" if isinstance(engine, ProcessEngine) else ""
             print(f"deltaserve: serving {self.state.model_name!r} on http://{host}:{port} "
-                  f"({self.state.engine.stats().slots_total} slots)", file=sys.stderr, flush=True)
+                  f"({engine.stats().slots_total} slots{where})", file=sys.stderr, flush=True)
 
     def handle_exit(self, sig, frame) -> None:
         if self.state.draining or self._loop is None:
