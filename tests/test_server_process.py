@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from server_harness import REPO, MODEL_NAME, free_port, start_subprocess, wait_healthy, write_tiny_model
+from server_harness import MODEL_NAME, REPO, free_port, start_subprocess, wait_healthy, write_tiny_model
 
 
 def test_sigterm_lets_a_running_stream_finish_then_exits(tmp_path):
@@ -137,3 +137,13 @@ def test_engine_in_its_own_process_streams_the_whole_answer_and_leaves_with_the_
     while any(_running(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_running(pid) for pid in children), "the engine process outlived the server"
+
+
+def test_weights_the_engine_process_cannot_load_are_one_error_line_and_exit_2(tmp_path, capsys):
+    from server.cli import main
+
+    model = write_tiny_model(tmp_path / "m")
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["serve", "--engine-process", "on", "--device", "cpu", "--model", str(model)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("deltaserve: error: cannot read") and "model.safetensors" in error
