@@ -108,12 +108,13 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_engine_in_its_own_process_streams_the_whole_answer_and_leaves_with_the_server(tmp_path):
+def test_engine_in_its_own_process_streams_the_whole_answer_drains_and_leaves_with_the_server(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--engine-process", "on", "--device", "cpu",
                              "--model", str(write_tiny_model(tmp_path / "m")), "--port", str(port),
-                             "--served-model-name", MODEL_NAME], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             "--served-model-name", MODEL_NAME, "--drain-timeout", "0.5"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(url, proc)
@@ -126,13 +127,21 @@ def test_engine_in_its_own_process_streams_the_whole_answer_and_leaves_with_the_
             for line in reply.iter_lines():
                 if line.startswith("data: {"):
                     streamed.append(json.loads(line[len("data: "):])["choices"][0]["text"])
-        proc.send_signal(signal.SIGTERM)
+        endless = {**body, "max_tokens": 10**6, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=endless, timeout=30) as reply:
+            events = []
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                    if len(events) == 1:
+                        proc.send_signal(signal.SIGTERM)  # drains for 0.5 s, aborts the stream, stops the engine
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert len(streamed) > 1 and "".join(streamed) == whole != ""
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
     deadline = time.monotonic() + 5
     while any(_running(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.05)
