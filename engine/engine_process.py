@@ -14,6 +14,7 @@ dies, the engine process reads end-of-file on its command pipe (or a broken pipe
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing as mp
 import queue
@@ -70,6 +71,7 @@ class ProcessEngine(EngineClient):
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         their_commands, self._commands = ctx.Pipe(duplex=False)
         self._events, their_events = ctx.Pipe(duplex=False)
+        _widen(self._events)
         self._process = ctx.Process(target=_engine_main, name="deltaserve-engine", daemon=True,
                                     args=(self.model, self.config, their_commands, their_events,
                                           logging.getLogger().getEffectiveLevel()))
@@ -207,6 +209,15 @@ def _unpack(item: tuple | BaseException, request_id: str) -> RequestOutput | Bas
     outputs, prompt_logprobs, finished, num_prompt_tokens, num_generated_tokens = item
     return RequestOutput(request_id, [CompletionOutput(*c) for c in outputs], [], prompt_logprobs, finished,
                          num_prompt_tokens, num_generated_tokens)
+
+
+def _widen(pipe: Connection) -> None:
+    """A 1 MiB pipe instead of 64 KiB (Linux): dozens of steps' outputs, so that the engine process does not
+    block on a send while the reader thread here waits its turn for the GIL."""
+    try:
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (AttributeError, OSError):  # not Linux, or above the system's pipe-max-size: the default will do
+        pass
 
 
 def _exit_reason(code: int | None) -> str:
