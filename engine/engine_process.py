@@ -167,13 +167,17 @@ class ProcessEngine(EngineClient):
                 return
 
     def _read(self) -> None:
-        while True:
-            try:
-                _, deliveries, stats, adds_seen = self._events.recv()
-            except (EOFError, OSError):
-                break
-            self._snapshot = (stats, adds_seen)
-            self._streams.deliver([(request_id, _unpack(item, request_id)) for request_id, item in deliveries])
+        try:
+            while True:
+                try:
+                    _, deliveries, stats, adds_seen = self._events.recv()
+                except (EOFError, OSError):
+                    break
+                self._snapshot = (stats, adds_seen)
+                self._streams.deliver([(request_id, _unpack(item, request_id)) for request_id, item in deliveries])
+        except Exception:  # a bug here would leave every stream waiting: end the engine process and fail them
+            log.exception("reading the engine process's outputs failed")
+            self._process.kill()
         if self._stopping:
             return
         self._process.join(timeout=5)  # reaped, for its exit code
