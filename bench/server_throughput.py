@@ -41,7 +41,7 @@ CONFIG = {"model_type": "gated_deltanet", "vocab_size": 260, "hidden_size": 1024
           "use_gate": True, "attn": None, "dtype": "bfloat16"}
 TINY = {**CONFIG, "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 16, "expand_v": 1.0,
         "dtype": "float32"}  # --tiny: a CPU smoke run of the bench itself, not a measurement
-CLIENT_PROCS = 4
+CLIENT_PROCS = 8  # httpx parses SSE in Python: enough processes that the clients are not the bound
 
 
 def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
