@@ -4,6 +4,11 @@ Qwen3.5-shaped model (24 layers: 18 Gated DeltaNet + 6 gated attention, as bench
 with small widths: the count does not depend on them).
 
     TRITON_INTERPRET=1 python bench/decode_ops.py [--batch 1 128] [--backend triton] [--dtype bfloat16] [--ops]
+    TRITON_INTERPRET=0 python bench/decode_ops.py --device cuda [--check]
+
+On CUDA it also counts the GPU kernels (memcpys included) torch.profiler sees in one uncaptured step,
+and --check compares the triton backend's logits with the torch backend's over prefill and a few
+graph-captured decode steps of the same random model (bf16 and fp32).
 
 What counts as a launch: a Triton kernel call, and an aten op that is neither a view nor an
 allocation. Two torch functions are one fused kernel on CUDA but decompose into several aten ops on
@@ -31,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.cuda_graphs import DecodeStep  # noqa: E402
 from engine.models import qwen3_5  # noqa: E402
 from engine.models.hybrid import HybridLM  # noqa: E402
+from engine.models.state import Batch  # noqa: E402
 
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=24,
              num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
@@ -124,7 +130,8 @@ class _FusedCounter(TorchFunctionMode):
             self.counter.muted -= 1
 
 
-def random_model(backend: str, dtype: torch.dtype, shape: dict = SHAPE, seed: int = 0) -> HybridLM:
+def random_model(backend: str, dtype: torch.dtype, shape: dict = SHAPE, seed: int = 0,
+                 device: str = "cpu") -> HybridLM:
     """The Qwen3.5-shaped decoder with random weights (fp32 norms and gate constants, as loaded)."""
     torch.manual_seed(seed)
     model = HybridLM(qwen3_5.parse_config(shape), backend)
@@ -135,7 +142,7 @@ def random_model(backend: str, dtype: torch.dtype, shape: dict = SHAPE, seed: in
             else:
                 param.copy_(0.05 * torch.randn(param.shape))
                 param.data = param.data.to(dtype)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def count_decode_step(model: HybridLM, batch: int, position: int = 40, max_len: int = 640) -> LaunchCounter:
@@ -153,20 +160,62 @@ def count_decode_step(model: HybridLM, batch: int, position: int = 40, max_len: 
     return counter
 
 
+def gpu_kernels(model: HybridLM, batch: int, position: int = 40, max_len: int = 640) -> int:
+    """GPU kernels (and memcpys) torch.profiler records in one uncaptured decode step."""
+    from torch.profiler import ProfilerActivity, profile
+    pool = model.new_pool(batch, max_len=max_len)
+    slots = [pool.allocate() for _ in range(batch)]
+    step = DecodeStep(model, pool, max_batch=batch, capture=False)
+    ids, positions = [(7 * i) % model.config.vocab_size for i in range(batch)], [position] * batch
+    step.run(ids, slots, positions)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step.run(ids, slots, positions)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def check_against_torch(batch: int, dtype: torch.dtype, device: str, steps: int = 8) -> float:
+    """Largest |logit difference| between the triton and torch backends of the same random model over a
+    prefill of 100 tokens per sequence and `steps` decode steps (captured as CUDA graphs on CUDA)."""
+    logits = []
+    for backend in ("torch", "triton"):
+        model = random_model(backend, dtype, device=device)
+        pool = model.new_pool(batch, max_len=256)
+        slots = [pool.allocate() for _ in range(batch)]
+        gen = torch.Generator().manual_seed(1)
+        prompts = torch.randint(0, model.config.vocab_size, (batch * 100,), generator=gen).to(device)
+        outs = [model.logits(model(prompts, Batch.build([100] * batch, slots, [0] * batch, model.device), pool))]
+        step = DecodeStep(model, pool, max_batch=batch, capture=device == "cuda")
+        for i in range(steps):
+            ids = [(13 * i + 7 * j) % model.config.vocab_size for j in range(batch)]
+            outs.append(step.run(ids, slots, [100 + i] * batch).float().clone())
+        logits.append(torch.cat(outs))
+    return (logits[0] - logits[1]).abs().max().item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 128])
     parser.add_argument("--backend", default="triton", choices=["triton", "torch"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--ops", action="store_true", help="list the launches by op")
+    parser.add_argument("--check", action="store_true", help="triton vs torch backend logits (see above)")
     args = parser.parse_args()
-    model = random_model(args.backend, getattr(torch, args.dtype))
+    model = random_model(args.backend, getattr(torch, args.dtype), device=args.device)
     layers = model.config.num_layers
     for batch in args.batch:
         counter = count_decode_step(model, batch)
         aten, triton, total = counter.summary()
         print(f"B={batch} backend={args.backend} dtype={args.dtype} {layers} layers: {total} launches per decode "
               f"step ({aten} aten, {triton} triton)")
+        if args.device.startswith("cuda"):
+            print(f"  torch.profiler: {gpu_kernels(model, batch)} GPU kernels + memcpys in one uncaptured step")
+        if args.check:
+            for dtype in (torch.float32, torch.bfloat16):
+                diff = check_against_torch(batch, dtype, args.device)
+                print(f"  triton vs torch backend, {dtype}: max |logit diff| {diff:.3g}")
         if args.ops:
             for name, n in counter.counts.most_common():
                 print(f"  {n:6d}  {name}")
