@@ -31,7 +31,6 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kernels import reference  # noqa: E402
 from kernels.chunk import (  # noqa: E402
-    ChunkConfig,
     chunk_gated_delta_rule_prefill,
     pick_config,
     plan_chunks,

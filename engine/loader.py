@@ -61,13 +61,18 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def read_config_and_tokenizer(model_dir: Path):
+    """(family, config, tokenizer): every cheap check on a model folder, no weight read. Also what a
+    server process needs of a model whose weights its engine process loads."""
+    raw = read_config_json(model_dir)
+    family = family_for(raw.get("model_type"))
+    return family, family.parse_config(raw), Tokenizer.from_dir(model_dir)
+
+
 def load_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
                backend: str = "auto") -> LoadedModel:
     model_dir = Path(model_dir).expanduser()
-    raw = read_config_json(model_dir)
-    family = family_for(raw.get("model_type"))
-    config = family.parse_config(raw)
-    tokenizer = Tokenizer.from_dir(model_dir)
+    family, config, tokenizer = read_config_and_tokenizer(model_dir)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, torch_device)
     kernel_backend = resolve_backend(backend, torch_device)

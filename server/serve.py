@@ -19,11 +19,10 @@ from pathlib import Path
 import uvicorn
 
 from engine.async_engine import AsyncEngine, EngineClient
-from engine.config import ModelConfig, read_config_json
+from engine.config import ModelConfig
 from engine.engine import EngineConfig, LLMEngine
 from engine.engine_process import ModelSpec, ProcessEngine
-from engine.loader import LoadedModel
-from engine.models import family_for
+from engine.loader import LoadedModel, read_config_and_tokenizer
 from engine.tokenizer import Tokenizer
 from server.app import build_app
 from server.metrics import Metrics
@@ -58,12 +57,6 @@ def state_for(engine: EngineClient, model_path: Path, model_config: ModelConfig,
     return ServerState(engine=engine, tokenizer=tokenizer, served_names=names, model_path=model_path,
                        vocab_size=model_config.vocab_size, max_model_len=engine.max_model_len,
                        metrics=Metrics(names[0]))
-
-
-def read_config_and_tokenizer(model_dir: Path) -> tuple[ModelConfig, Tokenizer]:
-    """What this process needs of a model whose weights the engine process loads; no weight is read."""
-    raw = read_config_json(model_dir)
-    return family_for(raw.get("model_type")).parse_config(raw), Tokenizer.from_dir(model_dir)
 
 
 class DrainingServer(uvicorn.Server):
@@ -136,7 +129,7 @@ def serve(model: ModelSpec, engine_config: EngineConfig, config: ServerConfig, e
     setup_request_log(config.log_requests)
     engine: EngineClient
     if engine_process:
-        model_config, tokenizer = read_config_and_tokenizer(model.path)  # every cheap check, before the spawn
+        _, model_config, tokenizer = read_config_and_tokenizer(model.path)  # every cheap check, before the spawn
         engine = ProcessEngine(model, engine_config, max_queued_requests=config.max_queued_requests)
     else:
         loaded = model.load()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import apply_rope, rope_tables
+from engine.models.rope import apply_rope, rope_tables
 from kernels import reference
 
 ARCHS = ("gdn", "llama", "hybrid")

@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.config import AttentionSpec, GDNSpec, MoESpec
 from engine.models import attention, gdn_backend
-from engine.models.rope import apply_rope, rope_tables  # noqa: F401 (rope_tables: engine/default_model)
+from engine.models.rope import apply_rope
 from engine.models.state import Batch
 from engine.slots import SlotPool
 
