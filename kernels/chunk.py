@@ -2,7 +2,8 @@
 
 Packed varlen layout, as kernels/reference.py:
   q, k: [T, H, K]; v: [T, HV, V]; g (log decay, <= 0), beta: [T, HV]; cu_seqlens: [N + 1];
-  state_pool: [S, HV, K, V] fp32, read and written in place at slot_ids [N].
+  state_pool: [S, HV, K, V] fp32 or bf16, read and written in place at slot_ids [N] (the
+  state kernel carries it in fp32 and rounds only the final store to the pool's dtype).
 
 Three launches, all over chunks that never cross a sequence boundary:
   1. kernels/chunk_wy.py     (chunk, value head), parallel: G (cumsum of g), 1/||k||,
@@ -114,7 +115,7 @@ def chunk_gated_delta_rule_prefill(
     """Prefill N packed sequences; returns o [T, HV, V] in v.dtype.
 
     q, k: [T, H, K]; v: [T, HV, V]; g (fp32 log decay), beta: [T, HV]; cu_seqlens: int [N + 1] on
-    the device; state_pool: [S, HV, K, V] fp32; slot_ids: int [N]; has_initial_state: bool [N].
+    the device; state_pool: [S, HV, K, V] fp32 or bf16; slot_ids: int [N]; has_initial_state: bool [N].
     Sequence i starts from state_pool[slot_ids[i]] (zeros where has_initial_state[i] is False or
     the slot is < 0) and its final state is written back there (nowhere for a slot < 0). Slots
     must be distinct; other slots are not touched. No host synchronisation. plan (from
@@ -127,7 +128,7 @@ def chunk_gated_delta_rule_prefill(
     assert k.shape == q.shape and v.shape[0] == T and HV % H == 0, (q.shape, k.shape, v.shape)
     assert g.shape == beta.shape == (T, HV), (g.shape, beta.shape)
     assert K <= 256 and state_pool.shape[1:] == (HV, K, V), state_pool.shape
-    assert state_pool.dtype == torch.float32 and state_pool.is_contiguous()
+    assert state_pool.dtype in (torch.float32, torch.bfloat16) and state_pool.is_contiguous(), state_pool.dtype
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype

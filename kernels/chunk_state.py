@@ -6,7 +6,8 @@ V block) walks the sequence's chunks with the fp32 state S [K, BV] in registers:
   S <- exp2(G_last) S + K_hat^T (exp2(G_last - G) v_new).
 K_hat^T x is computed as K^T (r x) with r = 1/||k|| from the WY kernel. The initial state comes
 from state_pool[slot] (zeros where has_initial_state is False or the slot is < 0) and the final
-state goes back there (not where the slot is < 0). With K > 128 the state is held as two
+state goes back there (not where the slot is < 0); the pool may be fp32 or bf16, the state is
+carried in fp32 either way and rounded only when stored. With K > 128 the state is held as two
 [K/2, BV] halves, so that no tile is wider than 128.
 """
 
@@ -44,9 +45,9 @@ def _state_kernel(
     S0 = tl.zeros([BK, BV], dtype=tl.float32)
     S1 = tl.zeros([BK, BV], dtype=tl.float32)
     if (tl.load(has_initial_state + n) != 0) & (slot >= 0):
-        S0 = tl.load(p_state, mask=m_s0, other=0.0)
+        S0 = tl.load(p_state, mask=m_s0, other=0.0).to(tl.float32)
         if TWO_K:
-            S1 = tl.load(p_state + BK * V, mask=m_s1, other=0.0)
+            S1 = tl.load(p_state + BK * V, mask=m_s1, other=0.0).to(tl.float32)
 
     for i_t in range(tl.cdiv(eos - bos, 64)):
         t0 = bos + i_t * 64
@@ -80,6 +81,7 @@ def _state_kernel(
             S1 = _mm(b_kt, b_v, S1 * decay, F32)
 
     if slot >= 0:
-        tl.store(p_state, S0, mask=m_s0)
+        sdt = state_pool.dtype.element_ty
+        tl.store(p_state, S0.to(sdt), mask=m_s0)
         if TWO_K:
-            tl.store(p_state + BK * V, S1, mask=m_s1)
+            tl.store(p_state + BK * V, S1.to(sdt), mask=m_s1)

@@ -8,14 +8,18 @@ The state is read and written in place through the slot index: a decode step cop
 Entries with slot_ids[i] < 0 are padding (a CUDA graph captured for a larger batch): they touch
 no state and their output row is zero.
 
-State layout: [K, V] per head (state_pool is [S, HV, K, V] fp32), the layout of the chunkwise
-prefill (whose inter-chunk update K^T v_new is naturally [K, V]) and of the reference, so one pool
+State layout: [K, V] per head (state_pool is [S, HV, K, V] fp32 or bf16), the layout of the
+chunkwise prefill (whose inter-chunk update K^T v_new is naturally [K, V]) and of the reference, so one pool
 serves both kernels with no transpose. Each program owns a [K, BV] column block of one head: the
 K-reductions (S^T k, S^T q) stay inside the program, and every row of the tile is BV contiguous
 floats (256 bytes at the default BV=64: two cache lines), wide enough that the [K, V] layout
 streams at 89-95% of copy bandwidth (bench/kernels_decode.py); a [V, K] layout would make the
 whole tile contiguous but buys nothing measurable here and would transpose against prefill. Decode is bound by reading and writing the state once: 2 * HV * K * V * 4 bytes per
 request per layer.
+
+A bf16 pool halves those bytes: the state is loaded into fp32, updated and used for the output in
+fp32, and only the copy stored back is rounded to bf16. Its rows are 128 bytes at BV=64; the launch
+shapes below were measured with fp32 state only.
 
 Index arithmetic on the pool is 64-bit (the slot index is cast before it is multiplied): a pool
 of more than 2^31 elements is normal on an 80 GB card.
@@ -36,7 +40,7 @@ def _fused_recurrent_decode_kernel(
     b,  # [N, HV]
     A_log,  # [HV]
     dt_bias,  # [HV]
-    state_pool,  # [S, HV, K, V] fp32, contiguous
+    state_pool,  # [S, HV, K, V] fp32 or bf16, contiguous
     slot_ids,  # [N]
     o,  # [N, HV, V], contiguous
     stride_q_n,
@@ -98,7 +102,7 @@ def _fused_recurrent_decode_kernel(
     mask_s = ((o_k * 0 + slot) >= 0)[:, None] & mask_k[:, None] & mask_v[None, :]
     slot = tl.maximum(slot, 0)
     p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.load(p_s, mask=mask_s, other=0)  # [BK, BV] fp32
+    b_s = tl.load(p_s, mask=mask_s, other=0).to(tl.float32)  # [BK, BV]
 
     # Both K-reductions read the state as loaded; the decay and the rank-one update are folded
     # in afterwards: (d S + k delta^T)^T q = d S^T q + (k . q) delta.
@@ -107,7 +111,7 @@ def _fused_recurrent_decode_kernel(
     delta = beta * (b_v - decay * s_k)
     b_o = decay * s_q + tl.sum(b_k * b_q) * delta
     b_s = b_s * decay + b_k[:, None] * delta[None, :]
-    tl.store(p_s, b_s, mask=mask_s)
+    tl.store(p_s, b_s.to(state_pool.dtype.element_ty), mask=mask_s)
 
     b_o = tl.where(valid, b_o, 0.0)
     tl.store(o + i_nh * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
@@ -164,7 +168,7 @@ def fused_recurrent_decode(
 
     q, k: [N, H, K] and v: [N, HV, V], post-conv activations (any float dtype; the token and head
     strides are free, the last dim must be contiguous, e.g. views into one projection output);
-    a, b: [N, HV] raw gate inputs; A_log, dt_bias: [HV]; state_pool: [S, HV, K, V] fp32,
+    a, b: [N, HV] raw gate inputs; A_log, dt_bias: [HV]; state_pool: [S, HV, K, V] fp32 or bf16,
     contiguous, updated in place at rows slot_ids; slot_ids: [N] int32/int64, < 0 for padding.
     scale defaults to K ** -0.5. BV and num_warps override the launch heuristic (benchmarks).
     Returns o: [N, HV, V] in v.dtype (zero rows for padding).
@@ -175,7 +179,8 @@ def fused_recurrent_decode(
     assert HV % H == 0, f"HV={HV} must be a multiple of H={H}"
     assert a.shape == (N, HV) and b.shape == (N, HV), "a, b must be [N, HV]"
     assert A_log.shape == (HV,) and dt_bias.shape == (HV,), "A_log, dt_bias must be [HV]"
-    assert state_pool.dtype == torch.float32 and state_pool.is_contiguous(), "pool: contiguous fp32"
+    assert state_pool.dtype in (torch.float32, torch.bfloat16), f"pool: fp32 or bf16, not {state_pool.dtype}"
+    assert state_pool.is_contiguous(), "pool: contiguous"
     assert state_pool.shape[1:] == (HV, K, V), f"pool is {tuple(state_pool.shape)}, want [S, {HV}, {K}, {V}]"
     assert slot_ids.shape == (N,) and slot_ids.dtype in (torch.int32, torch.int64), "slot_ids: [N] int"
     assert K <= 256 and V <= 1024, "K up to 256 and V up to 1024"
