@@ -9,13 +9,14 @@ Entries with slot_ids[i] < 0 are padding (a CUDA graph captured for a larger bat
 no state and their output row is zero.
 
 State layout: [K, V] per head (state_pool is [S, HV, K, V] fp32 or bf16), the layout of the
-chunkwise prefill (whose inter-chunk update K^T v_new is naturally [K, V]) and of the reference, so one pool
-serves both kernels with no transpose. Each program owns a [K, BV] column block of one head: the
-K-reductions (S^T k, S^T q) stay inside the program, and every row of the tile is BV contiguous
-floats (256 bytes at the default BV=64: two cache lines), wide enough that the [K, V] layout
-streams at 89-95% of copy bandwidth (bench/kernels_decode.py); a [V, K] layout would make the
-whole tile contiguous but buys nothing measurable here and would transpose against prefill. Decode is bound by reading and writing the state once: 2 * HV * K * V * 4 bytes per
-request per layer.
+chunkwise prefill (whose inter-chunk update K^T v_new is naturally [K, V]) and of the reference,
+so one pool serves both kernels with no transpose. Each program owns a [K, BV] column block of one
+head: the K-reductions (S^T k, S^T q) stay inside the program, and every row of the tile is BV
+contiguous floats (256 bytes at the default BV=64: two cache lines), wide enough that the [K, V]
+layout streams at 89-95% of copy bandwidth (bench/kernels_decode.py); a [V, K] layout would make
+the whole tile contiguous but buys nothing measurable here and would transpose against prefill.
+Decode is bound by reading and writing the state once: 2 * HV * K * V * 4 bytes per request per
+layer.
 
 A bf16 pool halves those bytes: the state is loaded into fp32, updated and used for the output in
 fp32, and only the copy stored back is rounded to bf16. Its rows are 128 bytes at BV=64; the launch
