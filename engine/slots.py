@@ -8,6 +8,10 @@ sliding-window layer uses the same buffer and masks). Allocation and release are
 list; a slot's recurrent state is zeroed when handed out, and attention never reads a position
 its sequence has not written, so a request never sees what the previous owner left. One extra
 row, `scratch`, is never handed out: padded entries of a fixed-size (CUDA graph) batch point at it.
+
+The recurrent state is stored in fp32 by default or in bf16 (`state_dtype`): bf16 halves its bytes,
+so twice the slots fit and a decode step moves half the state traffic, at an accuracy cost (GDN.md).
+Kernels always compute in fp32 and round only what they store back.
 """
 
 from __future__ import annotations
@@ -16,19 +20,32 @@ import torch
 
 from engine.config import LINEAR_ATTENTION, ModelConfig
 
+# What --state-dtype accepts: the names torch uses and their short forms.
+STATE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_state_dtype(name: str) -> torch.dtype:
+    """The recurrent state's storage dtype from its name; ValueError for anything else."""
+    if name not in STATE_DTYPES:
+        raise ValueError(f"state dtype {name!r} is not one of {', '.join(STATE_DTYPES)}")
+    return STATE_DTYPES[name]
+
 
 class SlotPool:
     def __init__(self, config: ModelConfig, num_slots: int, device: torch.device, dtype: torch.dtype,
-                 max_len: int | None = None):
+                 max_len: int | None = None, state_dtype: torch.dtype = torch.float32):
+        """dtype: conv taps and attention keys/values (the model's); state_dtype: recurrent states."""
         if num_slots < 1:
             raise ValueError("a slot pool needs at least one slot")
+        assert state_dtype in (torch.float32, torch.bfloat16), f"no kernel stores a {state_dtype} state"
         gdn = config.gdn
         self.capacity = num_slots
         self.scratch = num_slots  # the extra row every per-slot tensor has
         self.max_len = max_len
+        self.state_dtype = state_dtype
         rows = num_slots + 1
         self.conv: list[torch.Tensor | None] = []  # per layer: [slots, conv_dim, conv_kernel - 1]
-        self.recurrent: list[torch.Tensor | None] = []  # per layer: [slots, HV, K, V] fp32
+        self.recurrent: list[torch.Tensor | None] = []  # per layer: [slots, HV, K, V] state_dtype
         self.keys: list[torch.Tensor | None] = []  # per layer: [slots, max_len, kv_heads, head_dim]
         self.values: list[torch.Tensor | None] = []
         for kind in config.layer_types:
@@ -36,7 +53,7 @@ class SlotPool:
                 self.conv.append(torch.zeros(rows, gdn.conv_dim, gdn.conv_kernel - 1, device=device,
                                              dtype=dtype))
                 self.recurrent.append(torch.zeros(rows, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim,
-                                                  device=device, dtype=torch.float32))
+                                                  device=device, dtype=state_dtype))
                 self.keys.append(None)
                 self.values.append(None)
             else:
@@ -84,6 +101,16 @@ class SlotPool:
         """Device memory one slot holds, over all layers."""
         tensors = self.conv + self.recurrent + self.keys + self.values
         return sum(t[0].numel() * t.element_size() for t in tensors if t is not None)
+
+    def recurrent_bytes_per_slot(self) -> int:
+        """The part of bytes_per_slot() that is recurrent state: what state_dtype scales."""
+        return sum(t[0].numel() * t.element_size() for t in self.recurrent if t is not None)
+
+    def describe(self) -> str:
+        """Capacity for the start-up log: slots, and what one holds."""
+        dtype = str(self.state_dtype).removeprefix("torch.")
+        return (f"{self.capacity} slots, {self.bytes_per_slot() / 2**20:.1f} MiB of state each "
+                f"(recurrent state {self.recurrent_bytes_per_slot() / 2**20:.1f} MiB in {dtype})")
 
     def _clear(self, slot: int) -> None:
         for conv, rec in zip(self.conv, self.recurrent):

@@ -3,7 +3,8 @@
 Two backends compute the same thing: "triton" launches the kernels in kernels/ that read and write
 the pool in place by slot index (the GPU path; it also runs on CPU under TRITON_INTERPRET=1, which
 is how CI checks it), and "torch" uses kernels/reference.py, gathering the batch's slots, computing
-and scattering the new states back (the CPU path).
+and scattering the new states back (the CPU path). Both compute the delta rule in fp32 whatever the
+pool's dtype (fp32 or bf16) and round only the states they store back.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tenso
                                               batch.cu_seqlens, state_pool, slots, _has_past(batch))
     # One token per sequence needs no chunking: the plain recurrence is the cheaper exact form.
     rule = reference.recurrent_gated_delta_rule if decode_only else reference.chunk_gated_delta_rule
-    o, final = rule(q, k, v, g, beta, initial_state=state_pool[slots], cu_seqlens=batch.cu_seqlens)
-    state_pool[slots] = final
+    o, final = rule(q, k, v, g, beta, initial_state=state_pool[slots].float(), cu_seqlens=batch.cu_seqlens)
+    state_pool[slots] = final.to(state_pool.dtype)
     return o
 
 

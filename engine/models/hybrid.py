@@ -66,10 +66,12 @@ class HybridLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def new_pool(self, num_slots: int, max_len: int | None = None) -> SlotPool:
-        """max_len: positions each slot's attention buffers hold (default: the model's limit)."""
+    def new_pool(self, num_slots: int, max_len: int | None = None,
+                 state_dtype: torch.dtype = torch.float32) -> SlotPool:
+        """max_len: positions each slot's attention buffers hold (default: the model's limit);
+        state_dtype: how the recurrent states are stored (engine/slots.py)."""
         return SlotPool(self.config, num_slots, self.device, self.embed.dtype,
-                        max_len or self.config.max_position_embeddings)
+                        max_len or self.config.max_position_embeddings, state_dtype)
 
     def new_state(self) -> SequenceState:
         return SequenceState(self.new_pool(1))
