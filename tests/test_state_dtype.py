@@ -54,11 +54,13 @@ def test_bf16_state_pool_holds_half_the_recurrent_bytes(loaded):
     assert "in torch.bfloat16" not in bf16.describe() and "in bfloat16" in bf16.describe()
 
 
-def test_bf16_state_engine_follows_the_fp32_state_engine(loaded):
+@pytest.mark.parametrize("graphs", [False, True])  # True: the padded static decode path, run eagerly
+def test_bf16_state_engine_follows_the_fp32_state_engine(loaded, graphs):
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 40, 70)]  # 70: over one chunk
-    ids32, lp32 = _greedy(LLMEngine(loaded, EngineConfig(max_num_seqs=4)), prompts)
-    ids16, lp16 = _greedy(LLMEngine(loaded, EngineConfig(max_num_seqs=4, state_dtype="bf16")), prompts)
+    ids32, lp32 = _greedy(LLMEngine(loaded, EngineConfig(max_num_seqs=4, decode_graphs=graphs)), prompts)
+    ids16, lp16 = _greedy(LLMEngine(loaded, EngineConfig(max_num_seqs=4, decode_graphs=graphs, state_dtype="bf16")),
+                          prompts)
     for a, b, la, lb in zip(ids32, ids16, lp32, lp16):
         # The prompt's pass starts from zeros and rounds only the state it stores: its token is exact.
         assert a[0] == b[0] and la[0] == lb[0]
