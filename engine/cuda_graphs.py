@@ -94,20 +94,26 @@ class DecodeStep:
         torch.cuda.synchronize()
         log.info("captured decode graphs for batch sizes %s x attention lengths %s", self.sizes, self.lengths)
 
-    def run(self, ids: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+    def run(self, ids: list[int] | torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """Logits [B, vocab] (the model's dtype) of one decode step for B = len(ids) sequences at
-        `positions`. The result is a view of a shared buffer: valid until the next run."""
+        `positions`; ids may be a device tensor (the previous step's tokens, never read on the host).
+        The result is a view of a shared buffer: valid until the next run."""
         n = len(ids)
         size = next(s for s in self.sizes if s >= n)
         longest = max(positions) + 1
         length = next((k for k in self.lengths if k is not None and k >= longest), self.lengths[-1])
         pad = size - n
         device = self.ids.device
-        packed = torch.tensor([ids + [0] * pad, slots + [self.pool.scratch] * pad, positions + [0] * pad],
-                              dtype=torch.int64).to(device, non_blocking=True)
-        self.ids[:size].copy_(packed[0])
-        self.slots[:size].copy_(packed[1])
-        self.positions[:size].copy_(packed[2])
+        rows = [slots + [self.pool.scratch] * pad, positions + [0] * pad]
+        if isinstance(ids, torch.Tensor):
+            self.ids[:n].copy_(ids)  # padding rows keep stale ids: valid tokens whose results are dropped
+        else:
+            rows.append(ids + [0] * pad)
+        packed = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        self.slots[:size].copy_(packed[0])
+        self.positions[:size].copy_(packed[1])
+        if len(rows) == 3:
+            self.ids[:size].copy_(packed[2])
         if (size, length) in self.graphs:
             self.graphs[(size, length)].replay()
         else:

@@ -33,6 +33,10 @@ class EngineConfig:
     # Recurrent state storage, "float32" or "bfloat16" (engine/slots.py): bf16 fits twice the slots
     # and halves decode state traffic, at some accuracy.
     state_dtype: str = "float32"
+    # Overlap the host's work on a decode step's tokens (detokenize, stop checks, outputs) with the
+    # GPU running the next decode step, fed from the device (greedy batches on the decode-graph
+    # path): None = wherever decode graphs are used.
+    overlap_decode: bool | None = None
 
     def __post_init__(self) -> None:
         resolve_state_dtype(self.state_dtype)  # ValueError for an unknown name
@@ -83,6 +87,32 @@ def plan_num_slots(loaded: LoadedModel, config: EngineConfig, max_len: int | Non
     return max(min(fits, config.max_num_seqs), 1)
 
 
+@dataclass
+class InFlightDecode:
+    """A decode step launched on the device whose tokens the host has not read yet."""
+
+    seqs: list[Sequence]  # row i of tokens is seqs[i]'s next token
+    tokens: torch.Tensor  # [B] int64 on the device
+    host: torch.Tensor  # [B] int64, filled from tokens asynchronously (pinned on CUDA)
+    ready: torch.cuda.Event | None  # recorded after the copy to host (None on CPU)
+
+    @classmethod
+    def launch(cls, seqs: list[Sequence], logits: torch.Tensor) -> InFlightDecode:
+        tokens = logits.argmax(dim=-1)
+        if tokens.device.type != "cuda":
+            return cls(seqs, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(seqs, tokens, host, ready)
+
+    def token_ids(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # this step only: the one launched after it keeps running
+        return self.host.tolist()
+
+
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
         self.loaded = loaded
@@ -95,6 +125,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, min(config.max_num_seqs, num_slots), config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.decode_step = self._make_decode_step()
+        overlap = config.overlap_decode if config.overlap_decode is not None else self.decode_step is not None
+        self.overlap_decode = overlap and self.decode_step is not None
+        self._in_flight: InFlightDecode | None = None
         log.info("engine: %s", self.pool.describe())
 
     def _make_decode_step(self) -> DecodeStep | None:
@@ -141,12 +174,14 @@ class LLMEngine:
         return self._request_output(request, outputs)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._in_flight)
 
     # ---- the step -----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        if self._in_flight is not None:
+            return self._finish_in_flight()
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
@@ -166,11 +201,52 @@ class LLMEngine:
         sampled: list[Sequence] = list(decodes)
         if self.decode_step is not None and not plan.prefills:
             logits = self.decode_step.run(ids, slots, starts)
+            if self._may_overlap(decodes):
+                self._in_flight = InFlightDecode.launch(decodes, logits)
+                return self._finish_in_flight()
         else:
             logits = self._eager_forward(plan.prefills, ids, lens, slots, starts, sampled)
         if not sampled:
             return []
         return self._record(sampled, sample_batch(logits, [seq.sampler for seq in sampled]))
+
+    # ---- decode steps overlapped with the host's work on the previous one ----------------------
+
+    def _may_overlap(self, seqs: list[Sequence]) -> bool:
+        """Can the next decode step run before the host has seen this one's tokens? Only for greedy
+        rows (no host state feeds their sampling), and not while a waiting request could be
+        admitted (it must not wait behind a chain of decode steps)."""
+        return (self.overlap_decode and all(seq.sampler.argmax_only for seq in seqs)
+                and not self.scheduler.can_admit())
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        """Launch the decode step after the one in flight (fed its tokens on the device), then read
+        and record the in-flight step's tokens while the GPU runs the next one.
+
+        The next step takes every sequence that can still go on: one that the in-flight token ends
+        (EOS, a stop string) is found only while recording; its extra token is computed and dropped,
+        and its slot, released while recording, is written by nothing queued after that."""
+        current, self._in_flight = self._in_flight, None
+        going_on = [i for i, seq in enumerate(current.seqs) if self._may_continue(seq)]
+        nxt = [current.seqs[i] for i in going_on]
+        if nxt and self._may_overlap(nxt):
+            rows = current.tokens if len(nxt) == len(current.seqs) else current.tokens[
+                torch.tensor(going_on, device=current.tokens.device)]
+            logits = self.decode_step.run(rows, [seq.slot for seq in nxt], [seq.num_computed for seq in nxt])
+            for seq in nxt:
+                seq.num_computed += 1
+            self._in_flight = InFlightDecode.launch(nxt, logits)
+        kept = [(seq, token) for seq, token in zip(current.seqs, current.token_ids()) if not seq.finished]
+        outputs = self._record([seq for seq, _ in kept], BatchSample([t for _, t in kept], [None] * len(kept)))
+        if self._in_flight is not None:
+            for seq in self._in_flight.seqs:
+                seq.pending_token = None  # already on its way through the model
+        return outputs
+
+    @staticmethod
+    def _may_continue(seq: Sequence) -> bool:
+        """Not finished, and the token in flight will not be its last by max_tokens."""
+        return not seq.finished and len(seq.output_ids) + 1 < seq.request.params.max_tokens
 
     def _record(self, sampled: list[Sequence], result: BatchSample) -> list[RequestOutput]:
         """Append each sequence's token, finish the sequences that are done; one output per request."""

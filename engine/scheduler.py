@@ -64,6 +64,13 @@ class Scheduler:
                 budget -= length
         return StepPlan(decodes, prefills)
 
+    def can_admit(self) -> bool:
+        """Would the request at the head of the queue get its slots now?"""
+        if not self.waiting:
+            return False
+        n = self.waiting[0].params.n
+        return self.pool.num_free >= n and self.num_running_sequences + n <= self.max_num_seqs
+
     def _admit(self) -> None:
         if not self.waiting:
             return
