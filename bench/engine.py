@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from engine.loader import load_model  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
-from engine.slots import SlotPool  # noqa: E402
+from engine.slots import SlotPool, resolve_state_dtype  # noqa: E402
 
 SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
              num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
@@ -66,9 +66,9 @@ def build_model(folder: Path):
     return model
 
 
-def run_ours(loaded, batch: int, prompt_len: int, new: int, copy_bw: float) -> None:
+def run_ours(loaded, batch: int, prompt_len: int, new: int, copy_bw: float, state_dtype: str) -> None:
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(8192, batch),
-                                            max_model_len=prompt_len + new))
+                                            max_model_len=prompt_len + new, state_dtype=state_dtype))
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, SHAPE["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(batch)]
@@ -101,7 +101,7 @@ def run_ours(loaded, batch: int, prompt_len: int, new: int, copy_bw: float) -> N
     step_bytes = weights + batch * 2 * gdn_state  # weights once + recurrent state read and written
     ideal_step = step_bytes / copy_bw
     measured_step = decode / max(steps, 1)
-    report(what="deltaserve_engine", B=batch, prompt=prompt_len, new=new, s=round(total, 2), s_first=round(first_total, 2),
+    report(what="deltaserve_engine", B=batch, state=state_dtype, prompt=prompt_len, new=new, s=round(total, 2), s_first=round(first_total, 2),
            out_tok_s=round(batch * new / total, 1), decode_tok_s=round(batch * steps / decode, 1) if decode else None,
            step_ms=round(measured_step * 1e3, 3), roofline_step_ms=round(ideal_step * 1e3, 3),
            roofline_pct=round(100 * ideal_step / measured_step, 1), slot_MiB=round(state / 2**20, 2))
@@ -120,11 +120,14 @@ def run_hf(model, batch: int, prompt_len: int, new: int) -> None:
            out_tok_s=round(batch * new / dt, 1))
 
 
-def check_graphs(loaded, prompt_len: int) -> None:
-    """Greedy tokens with decode CUDA graphs equal the eager engine's, on this card."""
+def check_determinism(loaded, prompt_len: int) -> None:
+    """Greedy tokens of the eager engine run twice, with decode CUDA graphs, and with graphs plus
+    overlapped decode steps, each against the first eager run, on this card."""
+    variants = {"eager_again": dict(decode_graphs=False), "graphs": dict(decode_graphs=True, overlap_decode=False),
+                "graphs_overlap": dict(decode_graphs=True, overlap_decode=True)}
     outputs = {}
-    for graphs in (False, True):
-        engine = LLMEngine(loaded, EngineConfig(max_num_seqs=8, max_model_len=prompt_len + 32, decode_graphs=graphs))
+    for name, options in [("eager", dict(decode_graphs=False)), *variants.items()]:
+        engine = LLMEngine(loaded, EngineConfig(max_num_seqs=8, max_model_len=prompt_len + 32, **options))
         gen = torch.Generator().manual_seed(1)
         for i in range(6):
             prompt = torch.randint(0, SHAPE["vocab_size"], (prompt_len // (i + 1),), generator=gen).tolist()
@@ -133,22 +136,24 @@ def check_graphs(loaded, prompt_len: int) -> None:
         while engine.has_work():
             for out in engine.step():
                 tokens.setdefault(out.request_id, []).extend(t for c in out.outputs for t in c.token_ids)
-        outputs[graphs] = tokens
-    same = sum(outputs[False][r] == outputs[True][r] for r in outputs[False])
-    agree = [next((i for i, (a, b) in enumerate(zip(outputs[False][r], outputs[True][r])) if a != b), 32)
-             for r in outputs[False]]  # leading tokens in common, per request
-    report(what="graphs_vs_eager_greedy", dtype=str(loaded.model.embed.dtype), requests_identical=same,
-           of=len(outputs[False]), leading_tokens_equal=agree)
+        outputs[name] = tokens
+    base = outputs["eager"]
+    for name in variants:
+        same = sum(base[r] == outputs[name][r] for r in base)
+        agree = [next((i for i, (a, b) in enumerate(zip(base[r], outputs[name][r])) if a != b), 32)
+                 for r in base]  # leading tokens in common, per request
+        report(what=f"greedy_{name}_vs_eager", dtype=str(loaded.model.embed.dtype), requests_identical=same,
+               of=len(base), leading_tokens_equal=agree)
 
 
-def capacity(loaded) -> None:
+def capacity(loaded, state_dtypes: list[str]) -> None:
     """Slots the card holds, and one slot's state at 1K vs 32K context."""
     dtype = loaded.model.embed.dtype
-    for max_len in (1024, 32768):
-        pool = SlotPool(loaded.config, 1, torch.device("meta"), dtype, max_len)
+    for state_dtype, max_len in [(s, n) for s in state_dtypes for n in (1024, 32768)]:
+        pool = SlotPool(loaded.config, 1, torch.device("meta"), dtype, max_len, resolve_state_dtype(state_dtype))
         gdn = sum(t[0].numel() * t.element_size() for t in pool.recurrent + pool.conv if t is not None)
         free, _ = torch.cuda.mem_get_info()
-        report(what="slot_capacity", max_len=max_len, gdn_state_MiB=round(gdn / 2**20, 2),
+        report(what="slot_capacity", state=state_dtype, max_len=max_len, gdn_state_MiB=round(gdn / 2**20, 2),
                attention_kv_MiB=round((pool.bytes_per_slot() - gdn) / 2**20, 2),
                slots_in_90pct_free=int(free * 0.9) // pool.bytes_per_slot())
 
@@ -160,7 +165,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--check-dtypes", default="bfloat16",
-                        help="dtypes in which to compare greedy tokens of graphed vs eager decode (e.g. float32,bfloat16)")
+                        help="dtypes in which to compare greedy tokens of eager runs, graphed and overlapped decode "
+                             "(e.g. float32,bfloat16)")
+    parser.add_argument("--state-dtypes", default="float32",
+                        help="recurrent state dtypes to run our batches with (e.g. float32,bfloat16)")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
     report(what="copy", TBps=round(copy_bw / 1e12, 3), gpu=torch.cuda.get_device_name())
@@ -168,13 +176,14 @@ def main() -> None:
     hf_model = build_model(folder)
     report(what="model", params_M=round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1))
     for dtype in [d for d in args.check_dtypes.split(",") if d != "bfloat16"]:
-        check_graphs(load_model(folder, device="cuda", dtype=dtype), args.prompt)
+        check_determinism(load_model(folder, device="cuda", dtype=dtype), args.prompt)
     loaded = load_model(folder, device="cuda", dtype="bfloat16")
-    capacity(loaded)
+    capacity(loaded, args.state_dtypes.split(","))
     if "bfloat16" in args.check_dtypes.split(","):
-        check_graphs(loaded, args.prompt)
-    for b in [int(b) for b in args.batches.split(",") if b]:
-        run_ours(loaded, b, args.prompt, args.new, copy_bw)
+        check_determinism(loaded, args.prompt)
+    for state_dtype in args.state_dtypes.split(","):
+        for b in [int(b) for b in args.batches.split(",") if b]:
+            run_ours(loaded, b, args.prompt, args.new, copy_bw, state_dtype)
     for b in [int(b) for b in args.hf_batches.split(",") if b]:
         run_hf(hf_model, b, args.prompt, args.new)
 
