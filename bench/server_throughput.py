@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import httpx  # only to poll /health
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ CONFIG = {"model_type": "gated_deltanet", "vocab_size": 260, "hidden_size": 1024
           "use_gate": True, "attn": None, "dtype": "bfloat16"}
 TINY = {**CONFIG, "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 16, "expand_v": 1.0,
         "dtype": "float32"}  # --tiny: a CPU smoke run of the bench itself, not a measurement
-CLIENT_PROCS = 8  # httpx parses SSE in Python: enough processes that the clients are not the bound
+CLIENT_PROCS = 4  # raw-socket clients that parse only each stream's last event: a few processes are plenty
 
 
 def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -69,44 +69,85 @@ def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> 
     return tokens / seconds
 
 
-def _client(url: str, batch: list[list[int]], max_tokens: int, go, results) -> None:
-    async def one(http: httpx.AsyncClient, ids: list[int]) -> int:
-        body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        last = None
-        async with http.stream("POST", "/v1/completions", json=body) as reply:
-            assert reply.status_code == 200, reply.status_code
-            async for line in reply.aiter_lines():
-                if line.startswith("data: {"):
-                    last = line
-        return json.loads(last[len("data: "):])["usage"]["completion_tokens"]
+def _request_bytes(ids: list[int], max_tokens: int) -> bytes:
+    body = json.dumps({"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    return head + body
 
-    async def run() -> tuple[int, float, float]:
-        limits = httpx.Limits(max_connections=len(batch) + 4)
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-            go.wait()
-            start = time.time()
-            counts = await asyncio.gather(*(one(http, ids) for ids in batch))
-            return sum(counts), start, time.time()
 
+async def _stream_one(host: str, port: int, request: bytes) -> tuple[int, int]:
+    """One streaming request on a connection of its own, read as raw bytes until the server closes it:
+    (completion tokens from the final usage chunk, SSE events). Nothing is parsed per event, so that a
+    client costs a small fraction of what the server spends on the same stream."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request)
+    received = await reader.read(1 << 16)
+    assert received.startswith(b"HTTP/1.1 200"), received[:300]
+    events, tail = 0, b""
+    while received:
+        # "data: " is 6 bytes: an event marker split between two reads is whole in tail[-5:] + received
+        seam = tail[-5:] + received
+        events += seam.count(b"data: ")
+        tail = (tail + received)[-(1 << 13):]
+        received = await reader.read(1 << 16)
+    writer.close()
+    assert tail.rstrip(b"\r\n0").endswith(b"data: [DONE]"), tail[-300:]
+    usage_at = tail.rindex(b'data: {"')
+    usage = json.loads(tail[usage_at + len(b"data: "):tail.index(b"\n\n", usage_at)])["usage"]
+    return usage["completion_tokens"], events
+
+
+def _client(url: str, batch: list[list[int]], max_tokens: int, ready, go, results) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    requests = [_request_bytes(ids, max_tokens) for ids in batch]
+
+    async def run() -> tuple[int, int, float, float, float]:
+        start, cpu = time.time(), time.process_time()
+        counts = await asyncio.gather(*(_stream_one(host, int(port), r) for r in requests))
+        return (sum(c[0] for c in counts), sum(c[1] for c in counts), start, time.time(),
+                time.process_time() - cpu)
+
+    ready.put(None)
+    go.wait()
     results.put(asyncio.run(run()))
 
 
-def http_streams(url: str, concurrency: int, prompt_len: int, max_tokens: int, seed: int) -> float:
+def _cpu_seconds(pid: int) -> float | None:
+    """A process's own user + system CPU time (its children not included), from /proc on Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def http_streams(url: str, concurrency: int, prompt_len: int, max_tokens: int, seed: int,
+                 server_pid: int) -> dict:
     batch = prompts(concurrency, prompt_len, seed)
     ctx = mp.get_context("spawn")
-    go, results = ctx.Event(), ctx.Queue()
+    ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
     shares = [batch[i::CLIENT_PROCS] for i in range(CLIENT_PROCS)]
-    procs = [ctx.Process(target=_client, args=(url, share, max_tokens, go, results)) for share in shares if share]
+    procs = [ctx.Process(target=_client, args=(url, share, max_tokens, ready, go, results))
+             for share in shares if share]
     for p in procs:
         p.start()
-    time.sleep(3)  # let the clients import and connect
+    for _ in procs:
+        ready.get(timeout=300)
+    server_cpu = _cpu_seconds(server_pid)
     go.set()
     parts = [results.get(timeout=900) for _ in procs]
+    server_cpu = None if server_cpu is None else _cpu_seconds(server_pid) - server_cpu
     for p in procs:
         p.join()
-    tokens = sum(p[0] for p in parts)
-    return tokens / (max(p[2] for p in parts) - min(p[1] for p in parts))
+    tokens, events = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    assert tokens == concurrency * max_tokens, (tokens, concurrency * max_tokens)
+    wall = max(p[3] for p in parts) - min(p[2] for p in parts)
+    return {"tok_s": tokens / wall, "tokens_per_event": tokens / max(events, 1),
+            "server_cpu_us_per_token": None if server_cpu is None else 1e6 * server_cpu / tokens,
+            "server_cpu_share": None if server_cpu is None else server_cpu / wall,
+            "client_cpu_share": sum(p[4] for p in parts) / wall}
 
 
 def serve(model_dir: Path, device: str, concurrency: int, port: int, engine_process: str | None) -> subprocess.Popen:
@@ -117,11 +158,16 @@ def serve(model_dir: Path, device: str, concurrency: int, port: int, engine_proc
                              str(max(2048, concurrency)), "--no-request-log", *options], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                 filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    wait_healthy(proc, port)
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, port: int) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+                return
         except httpx.TransportError:
             pass
         assert proc.poll() is None, "server exited"
@@ -151,15 +197,19 @@ def main() -> None:
         proc = serve(model_dir, args.device, c, args.port, args.engine_process)
         try:
             url = f"http://127.0.0.1:{args.port}"
-            http_streams(url, c, args.prompt_len, args.max_tokens, seed=1)  # warm-up: compiles, connections
-            http_tps = http_streams(url, c, args.prompt_len, args.max_tokens, seed=0)
+            http_streams(url, c, args.prompt_len, args.max_tokens, 1, proc.pid)  # warm-up: compiles kernels
+            http = http_streams(url, c, args.prompt_len, args.max_tokens, 0, proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=120)
+        http_tps = http.pop("tok_s")
         rows.append({"concurrency": c, "engine_tok_s": engine_tps, "http_tok_s": http_tps,
-                     "ratio": http_tps / engine_tps})
+                     "ratio": http_tps / engine_tps, **http})
+        us = http["server_cpu_us_per_token"]
         print(f"C={c:4d}  engine {engine_tps:9.0f} tok/s  http {http_tps:9.0f} tok/s  "
-              f"ratio {http_tps / engine_tps:.3f}", flush=True)
+              f"ratio {http_tps / engine_tps:.3f}  | server process {us or float('nan'):5.1f} CPU us/token, "
+              f"busy {http['server_cpu_share'] or float('nan'):.2f}; clients busy {http['client_cpu_share']:.2f}; "
+              f"{http['tokens_per_event']:.2f} tokens/event", flush=True)
     card = torch.cuda.get_device_name() if loaded.model.device.type == "cuda" else "cpu"
     result = {"card": card, "torch": torch.__version__, "config": config, "engine_process": args.engine_process,
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "rows": rows}

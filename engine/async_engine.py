@@ -1,14 +1,17 @@
-"""The engine as the server uses it: submit a request, iterate its outputs, abort.
+"""The engine as the server uses it: submit a request, take its outputs, abort.
 
 The step loop runs off the event loop: in a background thread here (AsyncEngine), or in a process of
 its own (engine/engine_process.py). Either way coroutines hand it commands, and what each step produces
-comes back to the requests' asyncio queues in one event-loop wake-up. A consumer that stops iterating
-(a client that went away) aborts its request, which frees its slots before the next step.
+comes back to the requests' inboxes in one event-loop wake-up, in the form the engine delivers it (the
+engine process's compact tuples are made into RequestOutputs only when taken, one per taking). A
+consumer that leaves early (a client that went away) aborts its request, which frees its slots before
+the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -103,33 +106,65 @@ def _fail_all(engine: LLMEngine, error: Exception) -> list[Delivery]:
 # ---- streams, on the event loop -----------------------------------------------------------------------
 
 
-class StreamTable:
-    """The asyncio queue of every open request, filled from the thread that receives the engine's
-    deliveries. One step's deliveries reach each event loop in one wake-up (not one per request: each
-    wake-up costs the loop a self-pipe read and a callback while it should be writing responses)."""
+class Inbox:
+    """What the engine delivered to one consumer, not yet taken; taken all at once, so that a consumer
+    that fell behind the engine gets what queued up in one piece (under load: one streamed event per
+    request per wake-up, not one per token). Lighter than asyncio.Queue, which this replaces on the
+    per-token path: one future per wait, none per item. Used on its event loop's thread only."""
+
+    __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._items: list = []
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> list:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+
+class StreamTable:
+    """Where every open request's deliveries go: an Inbox, and the tag they carry there. Filled from the
+    thread that receives the engine's deliveries; one step's deliveries reach each event loop in one
+    wake-up (not one per request: each wake-up costs the loop a self-pipe read and a callback while it
+    should be writing responses)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Inbox, object]] = {}
         self._lock = threading.Lock()
 
-    def open(self, request_id: str) -> asyncio.Queue:
-        stream: asyncio.Queue = asyncio.Queue()
+    def open(self, request_id: str, inbox: Inbox, tag: object) -> None:
         with self._lock:
             assert request_id not in self._streams, f"duplicate request id {request_id}"
-            self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        return stream
+            self._streams[request_id] = (asyncio.get_running_loop(), inbox, tag)
 
     def close(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
 
-    def deliver(self, deliveries: list[Delivery]) -> None:
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+    def deliver(self, deliveries: list[tuple[str, object]]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[Inbox, tuple[object, object]]]] = {}
         with self._lock:
+            streams = self._streams
             for request_id, item in deliveries:
-                target = self._streams.get(request_id)
+                target = streams.get(request_id)
                 if target is not None:
-                    batches.setdefault(target[0], []).append((target[1], item))
+                    loop, inbox, tag = target
+                    batch = batches.get(loop)
+                    if batch is None:
+                        batch = batches[loop] = []
+                    batch.append((inbox, (tag, item)))
         for loop, items in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -142,14 +177,15 @@ class StreamTable:
         self.deliver([(request_id, error) for request_id in request_ids])
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for stream, item in items:
-        stream.put_nowait(item)
+def _put_all(items: list[tuple[Inbox, tuple[object, object]]]) -> None:
+    for inbox, item in items:
+        inbox.put(item)
 
 
 class EngineClient:
-    """What the server needs from an engine, wherever its step loop runs: generate, abort, validate,
-    max_model_len, stats, start and stop. Subclasses submit commands and deliver into self._streams."""
+    """What the server needs from an engine, wherever its step loop runs: open/close a request whose
+    deliveries land in an Inbox (or iterate one with generate), merge, abort, validate, max_model_len,
+    stats, start and stop. Subclasses submit commands and deliver into self._streams."""
 
     def __init__(self, max_queued_requests: int):
         self.max_queued_requests = max_queued_requests
@@ -173,6 +209,11 @@ class EngineClient:
     def abort(self, request_id: str) -> None:
         raise NotImplementedError
 
+    def merge(self, request_id: str, items: list) -> RequestOutput:
+        """A request's deliveries that are outputs (as they arrived, in the form this engine delivers
+        them) as one RequestOutput: each choice's deltas joined in order."""
+        raise NotImplementedError
+
     # ---- shared ---------------------------------------------------------------------------------
 
     @property
@@ -188,44 +229,49 @@ class EngineClient:
         """ValueError with a user-facing message for a request that can never run."""
         self.limits.check(prompt_ids, params)
 
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they are produced; the last has finished=True. Raises ValueError
-        for a request that can never run, EngineOverloaded when the queue is full, EngineStopped when
-        shutting down, EngineDead when the engine process is gone."""
+    def open(self, request_id: str, prompt_ids: list[int], params: SamplingParams, inbox: Inbox,
+             tag: object = None) -> None:
+        """Submit a request; each of its deliveries lands in inbox as (tag, item), item being an output
+        (give a run of them to merge) or the exception that ends it. Call close when done with it. Raises
+        ValueError for a request that can never run, EngineOverloaded when the queue is full,
+        EngineStopped when shutting down, EngineDead when the engine process is gone."""
         if self._stopping:
             raise EngineStopped("the server is shutting down")
         self.validate(prompt_ids, params)
         if self.num_queued() >= self.max_queued_requests:
             raise EngineOverloaded(f"{self.max_queued_requests} requests are already waiting")
-        stream = self._streams.open(request_id)
-        finished = False
-        held = None  # an error taken from the queue behind outputs that go out first
-        try:
-            if self._error is not None:  # checked after open: a failure from now on reaches this stream
-                raise self._error
-            self._submit(request_id, prompt_ids, params)
-            while not finished:
-                item = held if held is not None else await stream.get()
-                held = None
-                if isinstance(item, BaseException):
-                    raise item
-                # Whatever else queued up while this consumer was busy goes out with it: under
-                # load the event loop then handles one event per request per wake-up, not one per
-                # token, and keeps pace with the engine.
-                while not item.finished and not stream.empty():
-                    later = stream.get_nowait()
-                    if isinstance(later, BaseException):
-                        held = later
-                        break
-                    item = merge_outputs(item, later)
-                finished = item.finished
-                item.prompt_token_ids = prompt_ids  # the engine process does not send it back with every output
-                yield item
-        finally:
-            if not finished and self._error is None:  # the consumer went away (or failed): free the slots now
-                self.abort(request_id)
+        self._streams.open(request_id, inbox, tag)
+        if self._error is not None:  # checked after open: a failure from now on reaches this stream
             self._streams.close(request_id)
+            raise self._error
+        self._submit(request_id, prompt_ids, params)
+
+    def close(self, request_id: str, finished: bool) -> None:
+        """Stop delivering to the request's inbox; abort it (free its slots now) unless it finished."""
+        if not finished and self._error is None:
+            self.abort(request_id)
+        self._streams.close(request_id)
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they are produced, what queued up merged; the last has
+        finished=True. Raises as open does; a consumer that stops iterating aborts the request."""
+        inbox = Inbox()
+        finished = False
+        self.open(request_id, prompt_ids, params, inbox)
+        try:
+            while not finished:
+                items = [item for _, item in await inbox.take()]
+                failed = next((i for i, item in enumerate(items) if isinstance(item, BaseException)), len(items))
+                if failed:
+                    output = self.merge(request_id, items[:failed])
+                    output.prompt_token_ids = prompt_ids  # the engine process does not send it back
+                    finished = output.finished
+                    yield output
+                if failed < len(items):
+                    raise items[failed]
+        finally:
+            self.close(request_id, finished)
 
 
 class AsyncEngine(EngineClient):
@@ -268,6 +314,9 @@ class AsyncEngine(EngineClient):
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    def merge(self, request_id: str, items: list[RequestOutput]) -> RequestOutput:
+        return functools.reduce(merge_outputs, items)
 
     def _take(self, block: bool) -> list[Command]:
         commands = []

@@ -4,8 +4,8 @@ events, JSON, socket writes) do not take turns on one GIL: the engine never wait
 The engine process loads the model, builds the LLMEngine and reports ready (or the one-line load
 error); then it takes every pending command, steps, and sends the step's deliveries as one message
 with a stats snapshot (run_step_loop, as the thread of AsyncEngine runs it). In the server process a
-writer thread sends the commands, and a reader thread hands each step's deliveries to the event loop
-in one wake-up (StreamTable).
+writer thread sends the commands, and a reader thread hands each step's deliveries, still packed, to
+the event loop in one wake-up (StreamTable); a consumer merges what it takes into one RequestOutput.
 
 The engine process ignores SIGINT and SIGTERM: the server drains, then stops it. If it dies (a crash,
 the OOM killer), every open stream fails at once and stats() says alive=False. If the server process
@@ -15,11 +15,13 @@ dies, the engine process reads end-of-file on its command pipe (or a broken pipe
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import multiprocessing as mp
 import queue
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -29,7 +31,7 @@ from engine.async_engine import (Command, Delivery, EngineClient, EngineDead, En
 from engine.engine import EngineConfig, LLMEngine, RequestLimits
 from engine.errors import ModelLoadError
 from engine.loader import LoadedModel, load_model
-from engine.request import CompletionOutput, RequestOutput
+from engine.request import CompletionOutput, RequestOutput, merge_outputs
 from engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,24 @@ class ModelSpec:
         return load_model(self.path, device=self.device, dtype=self.dtype, backend=self.backend)
 
 
+def build_llm_engine(model: ModelSpec, config: EngineConfig) -> LLMEngine:
+    return LLMEngine(model.load(), config)
+
+
+BuildEngine = Callable[[ModelSpec, EngineConfig], LLMEngine]
+
+
 class ProcessEngine(EngineClient):
+    """build: what the engine process steps, made there (a top-level function, as it is pickled): the real
+    engine, or a stand-in with the same step interface that measures the server alone
+    (bench/server_overhead.py)."""
+
     def __init__(self, model: ModelSpec, config: EngineConfig = EngineConfig(), max_queued_requests: int = 1024,
-                 stop_timeout_s: float = 30.0):
+                 stop_timeout_s: float = 30.0, build: BuildEngine = build_llm_engine):
         super().__init__(max_queued_requests)
         self.model = model
         self.config = config
+        self.build = build
         self.stop_timeout_s = stop_timeout_s
         self._process: mp.process.BaseProcess | None = None
         self._commands: Connection | None = None  # to the engine process
@@ -73,7 +87,7 @@ class ProcessEngine(EngineClient):
         self._events, their_events = ctx.Pipe(duplex=False)
         _widen(self._events)
         self._process = ctx.Process(target=_engine_main, name="deltaserve-engine", daemon=True,
-                                    args=(self.model, self.config, their_commands, their_events,
+                                    args=(self.build, self.model, self.config, their_commands, their_events,
                                           logging.getLogger().getEffectiveLevel()))
         try:
             self._process.start()
@@ -135,6 +149,9 @@ class ProcessEngine(EngineClient):
     def abort(self, request_id: str) -> None:
         self._outbox.put(("abort", request_id))
 
+    def merge(self, request_id: str, items: list[tuple]) -> RequestOutput:
+        return _merge_packed(request_id, items)
+
     # ---- the server-side threads ----------------------------------------------------------------
 
     def _receive_ready(self) -> tuple:
@@ -174,7 +191,7 @@ class ProcessEngine(EngineClient):
                 except (EOFError, OSError):
                     break
                 self._snapshot = (stats, adds_seen)
-                self._streams.deliver([(request_id, _unpack(item, request_id)) for request_id, item in deliveries])
+                self._streams.deliver(deliveries)  # as packed: made into RequestOutputs by merge, when taken
         except Exception:  # a bug here would leave every stream waiting: end the engine process and fail them
             log.exception("reading the engine process's outputs failed")
             self._process.kill()
@@ -200,16 +217,34 @@ class ProcessEngine(EngineClient):
 
 def _pack(item: RequestOutput | BaseException) -> tuple | BaseException:
     """An output as plain tuples, which (un)pickle several times faster than dataclasses: with hundreds of
-    streams this is most of what crosses the pipe each step. The prompt is left out: the server has it."""
+    streams this is most of what crosses the pipe each step. The common one (one choice, one token, no
+    logprobs, not finished) is 4 numbers and a string. The prompt is left out: the server has it."""
     if isinstance(item, BaseException):
         return item
-    return ([(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason) for c in item.outputs],
+    outputs = item.outputs
+    if len(outputs) == 1 and not item.finished and item.prompt_logprobs is None:
+        c = outputs[0]
+        if c.index == 0 and len(c.token_ids) == 1 and c.logprobs is None and c.finish_reason is None:
+            return c.text, c.token_ids[0], item.num_prompt_tokens, item.num_generated_tokens
+    return ([(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason) for c in outputs],
             item.prompt_logprobs, item.finished, item.num_prompt_tokens, item.num_generated_tokens)
 
 
-def _unpack(item: tuple | BaseException, request_id: str) -> RequestOutput | BaseException:
-    if isinstance(item, BaseException):
-        return item
+def _merge_packed(request_id: str, items: list[tuple]) -> RequestOutput:
+    """Successive packed outputs of one request as one RequestOutput (see _pack)."""
+    if all(len(item) == 4 for item in items):  # one token each: the common case, built directly
+        last = items[-1]
+        text = items[0][0] if len(items) == 1 else "".join(item[0] for item in items)
+        return RequestOutput(request_id, [CompletionOutput(0, text, [item[1] for item in items], None, None)], [],
+                             None, False, last[2], last[3])
+    return functools.reduce(merge_outputs, [_unpack(item, request_id) for item in items])
+
+
+def _unpack(item: tuple, request_id: str) -> RequestOutput:
+    if len(item) == 4:
+        text, token_id, num_prompt_tokens, num_generated_tokens = item
+        return RequestOutput(request_id, [CompletionOutput(0, text, [token_id], None, None)], [], None, False,
+                             num_prompt_tokens, num_generated_tokens)
     outputs, prompt_logprobs, finished, num_prompt_tokens, num_generated_tokens = item
     return RequestOutput(request_id, [CompletionOutput(*c) for c in outputs], [], prompt_logprobs, finished,
                          num_prompt_tokens, num_generated_tokens)
@@ -235,13 +270,13 @@ def _exit_reason(code: int | None) -> str:
 # ---- the engine process ------------------------------------------------------------------------------
 
 
-def _engine_main(model: ModelSpec, config: EngineConfig, commands: Connection, events: Connection,
-                 log_level: int) -> None:
+def _engine_main(build: BuildEngine, model: ModelSpec, config: EngineConfig, commands: Connection,
+                 events: Connection, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        engine = LLMEngine(model.load(), config)
+        engine = build(model, config)
     except ModelLoadError as err:
         events.send(("failed", str(err)))
         return

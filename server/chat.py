@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from server.chunk_json import ChunkTemplate
 from server.generation import Generation
 from server.logprobs import chat_logprobs
 from server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -21,6 +22,7 @@ class ChatWriter:
         self.request = request
         self.texts = gen.state.texts
         self.created = int(time.time())
+        self.template = ChunkTemplate("chat.completion.chunk", gen.id, self.created, gen.state.model_name)
 
     def usage(self) -> Usage:
         prompt, completion = self.gen.prompt_tokens, self.gen.completion_tokens
@@ -42,9 +44,12 @@ class ChatWriter:
             yield self._chunk([role]).model_dump_json()
         async for _prompt_index, output in self.gen.outputs():
             for delta in output.outputs:
-                logprobs = chat_logprobs(delta.logprobs, self.texts) if delta.logprobs is not None else None
-                if not delta.text and delta.finish_reason is None and logprobs is None:
+                if delta.logprobs is None:
+                    if delta.text or delta.finish_reason is not None:
+                        yield self.template.chat(delta.index, delta.text or None, delta.finish_reason,
+                                                 delta.stop_reason)
                     continue
+                logprobs = chat_logprobs(delta.logprobs, self.texts)
                 choice = ChatChunkChoice(index=delta.index, delta=ChatDelta(content=delta.text or None),
                                          logprobs=logprobs, finish_reason=delta.finish_reason,
                                          stop_reason=delta.stop_reason)

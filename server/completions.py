@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from server.chunk_json import ChunkTemplate
 from server.generation import Generation
 from server.logprobs import completion_logprobs
 from server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
@@ -23,6 +24,7 @@ class CompletionWriter:
         self.texts = gen.state.texts
         self.want_logprobs = request.logprobs is not None
         self.created = int(time.time())
+        self.template = ChunkTemplate("text_completion", gen.id, self.created, gen.state.model_name)
         self.echo_texts: list[str] | None = None
         if request.echo:
             prompt = request.prompt
@@ -64,7 +66,9 @@ class CompletionWriter:
                                                    into=logprobs)
                 text += delta.text
                 sent[index] = sent.get(index, 0) + len(text)
-                if not text and delta.finish_reason is None and logprobs is None:
+                if logprobs is None:
+                    if text or delta.finish_reason is not None:
+                        yield self.template.completion(index, text, delta.finish_reason, delta.stop_reason)
                     continue
                 choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
                                           finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)

@@ -1,10 +1,12 @@
-"""One API request on the engine: its prompts submitted together, their outputs merged in arrival order.
+"""One API request on the engine: its prompts submitted together, their outputs taken in arrival order.
 
 A completion request may carry many prompts (lm-eval sends batches of them); each becomes one engine
-request, all submitted at once so the scheduler batches them. Every output passes through here, which
-is where metrics are fed and the request's log line is written. A client that goes away (watched while
-no response has started; Starlette watches once a stream has) cancels the feeders, and leaving
-the engine's generate early aborts the engine requests and frees their slots.
+request, all submitted at once so the scheduler batches them, all delivering into this request's one
+inbox. What queued up there since the consumer last looked is taken at once, each prompt's outputs
+merged into one (under load: one streamed event per choice per wake-up, not one per token). Every
+output passes through here, which is where metrics are fed and the request's log line is written. A
+client that goes away (watched from submission to the end, streaming or not) ends the consumer with
+ClientGone, and closing aborts the engine requests still running, which frees their slots.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from engine.async_engine import EngineOverloaded, EngineStopped
+from engine.async_engine import EngineOverloaded, EngineStopped, Inbox
 from engine.request import RequestOutput
 from engine.sampling import SamplingParams, TokenLogprob
 from server.errors import APIError, unavailable
@@ -27,7 +29,7 @@ from server.state import ServerState
 
 request_log = logging.getLogger("deltaserve.requests")
 
-_CLIENT_GONE = object()  # queue sentinel from the disconnect watcher
+_CLIENT_GONE = object()  # put in the inbox by the disconnect watcher
 
 
 class ClientGone(Exception):
@@ -69,10 +71,11 @@ class Generation:
         self.tracks = [_PromptTrack(len(p)) for p in prompts]
         self.finish_reasons: dict[int, str] = {}
         self.status = 200  # for the log line: 4xx/5xx on refusal, 499 when the client left
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._feeders: list[asyncio.Task] = []
+        self._engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self._inbox = Inbox()  # (prompt index, engine delivery), and (None, _CLIENT_GONE)
+        self._submitted = 0  # prompts opened on the engine
         self._watcher: asyncio.Task | None = None
-        self._first: tuple | None = None
+        self._first: tuple[list[tuple[int, RequestOutput]], Exception | None] | None = None
         self._open = len(prompts)
         self._closed = False
 
@@ -90,8 +93,15 @@ class Generation:
                     raise engine_error(err) from None
             self.state.active.add(self)
             self._watcher = asyncio.create_task(self._watch(request))
-            self._feeders = [asyncio.create_task(self._feed(i, ids)) for i, ids in enumerate(self.prompts)]
-            self._first = await self._next()
+            for i, ids in enumerate(self.prompts):
+                try:
+                    self.state.engine.open(self._engine_ids[i], ids, self.params, self._inbox, i)
+                except Exception as err:
+                    raise self._as_api_error(err) from None
+                self._submitted += 1
+            self._first = await self._take()
+            if not self._first[0]:
+                raise self._first[1]
         except APIError as err:
             self.status = err.status
             self.close()
@@ -101,29 +111,29 @@ class Generation:
             self.close()
             raise
 
-    def stop_watching(self) -> None:
-        """Hand disconnect detection over to the streaming response, which reads the socket itself."""
+    def _stop_watching(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
 
     def abort(self) -> None:
         """End every unfinished choice now (finish_reason "abort"); used when a drain runs out of time."""
-        for i, track in enumerate(self.tracks):
+        for i, track in enumerate(self.tracks[:self._submitted]):
             if not track.finished:
-                self.state.engine.abort(self._engine_id(i))
+                self.state.engine.abort(self._engine_ids[i])
 
     def close(self) -> None:
-        """Idempotent and synchronous (it may run inside a cancelled scope): cancelling a feeder makes
-        the engine's generate abort its request."""
+        """Idempotent and synchronous (it may run inside a cancelled scope): what is still running on the
+        engine is aborted."""
         if self._closed:
             return
         self._closed = True
-        self.stop_watching()
-        for task in self._feeders:
-            task.cancel()
+        self._stop_watching()
+        for i, track in enumerate(self.tracks[:self._submitted]):
+            if not track.finished:
+                self.state.engine.close(self._engine_ids[i], finished=False)
         self.state.active.discard(self)
-        if self._open and self._feeders:  # it ran, and ended early (client left, or failed): the rest is aborted
+        if self._open and self._submitted:  # it ran, and ended early (client left, or failed): the rest is aborted
             self.status = 499 if self.status == 200 else self.status
             for index in range(len(self.prompts) * self.params.n):
                 if index not in self.finish_reasons:
@@ -135,16 +145,19 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) until every prompt is finished. Raises APIError, ClientGone."""
-        item, self._first = self._first, None
+        taken, self._first = self._first, None
         while True:
-            if item is None:
+            if taken is None:
                 if not self._open:
                     return
-                item = await self._next()
-            prompt_index, output = item
-            item = None
-            self._observe(prompt_index, output)
-            yield prompt_index, output
+                taken = await self._take()
+            merged, failure = taken
+            taken = None
+            for prompt_index, output in merged:
+                self._observe(prompt_index, output)
+                yield prompt_index, output
+            if failure is not None:
+                raise failure
 
     async def collect(self) -> list[Choice]:
         """Run to the end and gather each choice's text, tokens and logprobs."""
@@ -171,29 +184,30 @@ class Generation:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _engine_id(self, prompt_index: int) -> str:
-        return f"{self.id}-{prompt_index}"
-
-    async def _feed(self, prompt_index: int, ids: list[int]) -> None:
-        try:
-            async for output in self.state.engine.generate(self._engine_id(prompt_index), ids, self.params):
-                self._queue.put_nowait((prompt_index, output))
-        except Exception as err:  # handed to the consumer, which turns it into an HTTP error
-            self._queue.put_nowait((prompt_index, err))
-
     async def _watch(self, request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        self._queue.put_nowait(_CLIENT_GONE)
+        self._inbox.put((None, _CLIENT_GONE))
 
-    async def _next(self) -> tuple[int, RequestOutput]:
-        item = await self._queue.get()
-        if item is _CLIENT_GONE:
-            raise ClientGone()
-        prompt_index, output = item
-        if isinstance(output, BaseException):
-            raise self._as_api_error(output)
-        return prompt_index, output
+    async def _take(self) -> tuple[list[tuple[int, RequestOutput]], Exception | None]:
+        """What arrived since the last take: each prompt's outputs merged into one (in the order the
+        prompts first appear), and the failure that came after them (APIError, ClientGone), if any."""
+        runs: dict[int, list] = {}
+        failure = None
+        for prompt_index, item in await self._inbox.take():
+            if item is _CLIENT_GONE:
+                failure = ClientGone()
+                break
+            if isinstance(item, BaseException):
+                failure = self._as_api_error(item)
+                break
+            run = runs.get(prompt_index)
+            if run is None:
+                runs[prompt_index] = [item]
+            else:
+                run.append(item)
+        merge = self.state.engine.merge
+        return [(i, merge(self._engine_ids[i], run)) for i, run in runs.items()], failure
 
     def _as_api_error(self, err: BaseException) -> APIError:
         if isinstance(err, APIError):
@@ -228,12 +242,13 @@ class Generation:
         if output.finished and not track.finished:
             track.finished = True
             self._open -= 1
+            self.state.engine.close(self._engine_ids[prompt_index], finished=True)
             metrics.request_finished(now - self.arrival)
 
     def _log(self) -> None:
         firsts = [t.first_token for t in self.tracks if t.first_token is not None]
         # a refused request has no choices, and its n is unchecked: it may be 10**30
-        choices = len(self.prompts) * self.params.n if self._feeders else 0
+        choices = len(self.prompts) * self.params.n if self._submitted else 0
         request_log.info(json.dumps({
             "request_id": self.id, "route": self.route, "status": self.status,
             "prompts": len(self.prompts), "n": self.params.n,

@@ -200,3 +200,22 @@ def test_stop_ends_open_streams_and_reaps_the_engine_process(model_dir):
 
     asyncio.run(scenario())
     assert engine._process.exitcode == 0
+
+
+def test_outputs_that_queued_up_merge_from_their_packed_form_as_from_the_outputs_themselves():
+    from engine.engine_process import _merge_packed, _pack
+    from engine.request import CompletionOutput, RequestOutput, merge_outputs
+    from engine.sampling import TokenLogprob
+
+    def out(text, token, finish=None, logprobs=None, done=False, count=1):
+        return RequestOutput("r", [CompletionOutput(0, text, [token], logprobs, finish, None)], [], None, done, 7, count)
+
+    plain = [out("a", 97, count=1), out("é", 233, count=2), out('"', 34, count=3)]
+    mixed = plain + [out("z", 122, logprobs=[TokenLogprob(122, -0.5, [(122, -0.5)])], count=4),
+                     out("", 0, finish="length", done=True, count=5)]
+    for outputs in (plain[:1], plain, mixed):
+        merged = _merge_packed("r", [_pack(o) for o in outputs])
+        expected = outputs[0]
+        for later in outputs[1:]:
+            expected = merge_outputs(expected, later)
+        assert merged == expected

@@ -272,7 +272,7 @@ def test_error_after_the_stream_began_is_a_data_event_then_done():
 
     async def run():
         gen = FakeGen()
-        events = [e async for e in _events(gen, chunks())]
+        events = [e.decode() async for e in _events(gen, chunks())]
         return gen, events
 
     gen, events = asyncio.run(run())
