@@ -1,16 +1,20 @@
 """Prefill kernel benchmark: ours (kernels/chunk.py) vs fla-core's chunk_gated_delta_rule, same card,
 same inputs, same run. Checks ours (and fla, with --check-fla) against the fp32 reference first,
-then times with do_bench (median): eagerly and as a CUDA graph replay (GPU time only, the
+then checks that every launch is deterministic (each of the three launches, and the whole prefill,
+run --det-repeats times on the same inputs and compared bit for bit with the first run: any
+difference is reported per shape and makes the process exit with status 1 after the table), then
+times with do_bench (median): eagerly and as a CUDA graph replay (GPU time only, the
 kernel-to-kernel comparison), and prints Mtok/s and the ratio ours / fla. Writes JSON to
 $OUT/prefill_<shape>.json if OUT is set.
 
     python bench/kernels_prefill.py --shape i [--layouts T=8192,16x4096] [--sweep] [--profile]
-        [--no-fla] [--no-check]
+        [--no-fla] [--no-check] [--det-repeats 3]
 
 --sass needs no GPU: it compiles the kernels for sm_90 with Triton's bundled ptxas and prints
 registers, spill stack and SASS counts (cheap feedback between device calls).
 --sweep times ChunkConfig variants (one kernel's launch shape changed at a time) as graph
-replays and keeps the best per kernel; --profile prints per-kernel GPU times of one call of
+replays (each variant checked for determinism as above) and keeps the best deterministic one
+per kernel; --profile prints per-kernel GPU times of one call of
 each, from torch.profiler. Ours is timed as the engine calls it (chunk plan built once per
 batch, as fla caches its chunk indices per cu_seqlens). fla's autotuning and compiles take most
 of the time of a shape: run one process per shape.
@@ -32,6 +36,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kernels import reference  # noqa: E402
 from kernels.chunk import (  # noqa: E402
     chunk_gated_delta_rule_prefill,
+    launch_output,
+    launch_state,
+    launch_wy,
     pick_config,
     plan_chunks,
 )
@@ -96,6 +103,62 @@ def fla_fn():
         return o[0], ht
 
     return run
+
+
+def _bits(x):
+    return x.contiguous().view(torch.uint8)
+
+
+def _differ(a, b):
+    """Number of elements of a and b whose bits differ (0: identical)."""
+    if a.shape != b.shape:
+        return a.numel()
+    return int((_bits(a).view(a.numel(), -1) != _bits(b).view(b.numel(), -1)).any(-1).sum())
+
+
+def determinism(q, k, v, g, beta, cu, h0, cfg, plan, repeats=3):
+    """Each launch, and the whole prefill, `repeats` times on the same inputs, compared bit for bit
+    with the first run. Returns {launch: elements that differed in any repeat (0: deterministic)}.
+    The state pass and the prefill run on a fresh copy of the pool each time; h of the unused
+    tail chunks is not written by design and is left out."""
+    scale = q.shape[2] ** -0.5
+    pool, slots, has = make_pool(h0)
+    valid = plan.chunk_seq < cu.numel() - 1  # [NC]
+    diff = {"wy": 0, "state": 0, "output": 0, "prefill": 0}
+    first = launch_wy(k, v, g, beta, plan, cfg)[1:]
+    for _ in range(repeats - 1):
+        again = launch_wy(k, v, g, beta, plan, cfg)[1:]
+        diff["wy"] += sum(_differ(a, b) for a, b in zip(first, again))
+    G, rk, w, u = first
+
+    def state():
+        p = pool.clone()
+        _, h, v_new = launch_state(k, w, u, G, rk, p, slots, has, plan, cfg)
+        return h[valid], v_new, p
+
+    s0 = state()
+    for _ in range(repeats - 1):
+        diff["state"] += sum(_differ(a, b) for a, b in zip(s0, state()))
+    _, h_full, v_new = launch_state(k, w, u, G, rk, pool.clone(), slots, has, plan, cfg)
+    o0 = launch_output(q, k, G, rk, h_full, v_new, plan, cfg, scale)[1]
+    for _ in range(repeats - 1):
+        diff["output"] += _differ(o0, launch_output(q, k, G, rk, h_full, v_new, plan, cfg, scale)[1])
+
+    def whole():
+        p = pool.clone()
+        o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, p, slots, has, config=cfg, plan=plan)
+        return o, p
+
+    p0 = whole()
+    for _ in range(repeats - 1):
+        diff["prefill"] += sum(_differ(a, b) for a, b in zip(p0, whole()))
+    return diff
+
+
+def det_text(diff):
+    bad = {k: n for k, n in diff.items() if n}
+    return "bitwise identical" if not bad else "NONDETERMINISTIC " + ", ".join(
+        f"{k}: {n} elements differ" for k, n in bad.items())
 
 
 def rel(x, ref):
@@ -173,44 +236,54 @@ def profile(fn, label):
 def sweep_variants(base, K, V):
     """ChunkConfig variants of base, one kernel's launch shape changed at a time."""
     out = []
-    # out_bv = 32 is left out: on Triton 3.6 (H200) it faulted (illegal address) at K = 128.
-    # 8 warps are in the list because ptxas (--sass) reports spills at 4 and none at 8 for the
-    # state and output kernels, and for the WY kernel with wy_solve="together"; not timed yet.
-    for bv, nw, ns, split in [(16, 4, 3, False), (16, 8, 3, False), (32, 4, 3, False),
-                              (32, 8, 3, False), (32, 4, 4, False), (32, 4, 3, True)]:
+    for bv, nw, ns, split in [(16, 4, 3, False), (32, 4, 3, False), (32, 4, 2, False),
+                              (64, 4, 3, False), (32, 8, 3, False)]:
         out.append(("state", replace(base, state_bv=min(bv, max(16, V)), state_warps=nw,
                                      state_stages=ns, state_split=split)))
-    for bv, bk, nw, ns in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2)]:
+    for bk, bv, nw, ns, solve in [(32, 64, 2, 3, "blocks"), (64, 64, 2, 3, "blocks"),
+                                  (32, 64, 2, 1, "blocks"), (64, 64, 4, 3, "blocks"),
+                                  (32, 64, 4, 3, "blocks"), (32, 64, 2, 3, "together"),
+                                  (64, 64, 4, 3, "together"), (32, 64, 4, 3, "together"),
+                                  (64, 64, 8, 3, "together")]:
+        out.append(("wy", replace(base, wy_bk=min(bk, K), wy_bv=min(bv, V), wy_warps=nw,
+                                  wy_stages=ns, wy_solve=solve)))
+    # out_bv = 32 is left out: on Triton 3.6 (H200) it faulted (illegal address) at K = 128, as
+    # did V blocks of 64 with K blocks of 128 at 2 stages (K = 256); those run last if at all.
+    for bv, bk, nw, ns in [(64, 64, 4, 1), (128, 64, 4, 1), (64, 64, 4, 2), (128, 64, 4, 2),
+                           (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
+                           (128, 128, 8, 2)]:
         out.append(("out", replace(base, out_bv=min(bv, V), out_bk=min(bk, K), out_warps=nw,
                                    out_stages=ns)))
-    for bk, bv, nw, solve in [(32, 64, 2, "blocks"), (64, 64, 4, "blocks"), (32, 64, 2, "together"),
-                              (64, 64, 4, "together"), (32, 64, 8, "together"),
-                              (64, 64, 8, "together")]:
-        out.append(("wy", replace(base, wy_bk=min(bk, K), wy_bv=min(bv, V), wy_warps=nw,
-                                  wy_solve=solve)))
-    return [(kind, c) for kind, c in out if c != base]
+    seen, uniq = {base}, []
+    for kind, c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append((kind, c))
+    return uniq
 
 
-def run_sweep(ours, base, K, V):
-    """Graph time of every variant; returns (best config, rows)."""
+def run_sweep(ours, base, K, V, det):
+    """Graph time and determinism of every variant; returns (best deterministic config, rows)."""
     t_base = bench_graph(lambda: ours(base))
-    rows = [("base", str(base), t_base)]
+    rows = [("base", str(base), t_base, det_text(det(base)))]
     best = {}
     for kind, c in sweep_variants(base, K, V):
+        print(f"  sweep {kind}: {c}", flush=True)  # before the launch: a fault ends the process
         try:
             t = bench_graph(lambda: ours(c))
+            d = det_text(det(c))
         except Exception as e:  # out of shared memory / registers
-            print(f"  {kind} {c}: {type(e).__name__} {str(e)[:80]}", flush=True)
+            print(f"    {type(e).__name__} {str(e)[:80]}", flush=True)
             continue
         if t is None:
             continue
-        print(f"  sweep {kind}: {t:.4f} ms (base {t_base:.4f}) {c}", flush=True)
-        rows.append((kind, str(c), t))
-        if t < best.get(kind, (t_base, None))[0]:
+        print(f"    {t:.4f} ms (base {t_base:.4f}), {d}", flush=True)
+        rows.append((kind, str(c), t, d))
+        if d == "bitwise identical" and t < best.get(kind, (t_base, None))[0]:
             best[kind] = (t, c)
     fields = {"state": ("state_bv", "state_warps", "state_stages", "state_split"),
               "out": ("out_bv", "out_bk", "out_warps", "out_stages"),
-              "wy": ("wy_bk", "wy_bv", "wy_warps", "wy_solve")}
+              "wy": ("wy_bk", "wy_bv", "wy_warps", "wy_stages", "wy_solve")}
     cfg = base
     for kind, (_, c) in best.items():
         cfg = replace(cfg, **{f: getattr(c, f) for f in fields[kind]})
@@ -236,7 +309,11 @@ def sass_report(wy_solve=""):
 
     def build(fn, consts, num_warps, num_stages=2):
         sig = {n: "constexpr" if n in consts else ptr.get(n, "*bf16") for n in fn.arg_names}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+        # Pointers 16-byte aligned, as torch allocates them and the JIT specialises: without this
+        # hint no load is vectorised or pipelined and ptxas reports spills the real kernel lacks.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if sig[n].startswith("*")}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
         path = f"/tmp/{fn.__name__}.cubin"
@@ -257,7 +334,8 @@ def sass_report(wy_solve=""):
         print(f"H{H} HV{HV} K{K} V{V}: {cfg}")
         common = dict(H=H, HV=HV, K=K, V=V, F32=False)
         build(_wy_kernel, dict(common, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=True, EPS=1e-6,
-                               SOLVE_TOGETHER=cfg.wy_solve == "together"), cfg.wy_warps)
+                               SOLVE_TOGETHER=cfg.wy_solve == "together"), cfg.wy_warps,
+              cfg.wy_stages)
         two_k = K > 128 or cfg.state_split
         bk = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
         build(_state_kernel, dict(common, BK=bk, TWO_K=two_k, BV=cfg.state_bv),
@@ -273,6 +351,8 @@ def main():
     ap.add_argument("--layouts", default="", help="comma-separated layout names (default all)")
     ap.add_argument("--shape", type=int, default=-1, help="only SHAPES[i]")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--det-repeats", type=int, default=3,
+                    help="runs of each launch compared bit for bit (the first with each other one)")
     ap.add_argument("--check-fla", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--wy-solve", default="", help="override ChunkConfig.wy_solve everywhere")
@@ -316,14 +396,23 @@ def main():
                 return chunk_gated_delta_rule_prefill(
                     q, k, v, g, beta, cu, pool, slots, has, config=c, plan=p)
 
+            def det(c, p=plan):
+                return determinism(q, k, v, g, beta, cu, h0, c, p, args.det_repeats)
+
             if args.warmup_only:
                 ours(cfg)
+                if args.sweep:  # compile the variants too (process-wide cache on disk)
+                    for _, c in sweep_variants(cfg, K, V):
+                        ours(c)
                 if fla is not None:
                     fla(q, k, v, g, beta, cu, h0)
                 torch.cuda.synchronize()
                 print(f"warmed H{H} HV{HV} K{K} V{V} {lname}", flush=True)
                 continue
             row = {"H": H, "HV": HV, "K": K, "V": V, "layout": lname, "T": T}
+            row["det"] = det(cfg)
+            print(f"H{H} HV{HV} K{K} V{V} {lname}: determinism over {args.det_repeats} runs: "
+                  f"{det_text(row['det'])}", flush=True)
             row.update(ours_cfg=str(cfg), ours_ms=bench(lambda: ours(cfg)),
                        ours_graph_ms=bench_graph(lambda: ours(cfg)))
             if fla is not None:
@@ -345,7 +434,7 @@ def main():
                 if fla is not None:
                     profile(lambda: fla(q, k, v, g, beta, cu, h0), "fla")
             if args.sweep:  # last: a launch shape that faults ends the process
-                best, row["sweep"] = run_sweep(ours, cfg, K, V)
+                best, row["sweep"] = run_sweep(ours, cfg, K, V, det)
                 print(f"  best: {best}", flush=True)
             del q, k, v, g, beta, cu, h0, pool
             if DEVICE == "cuda":
@@ -358,12 +447,19 @@ def main():
         return f"{r['T'] / r[key] / 1e3:.2f}" if r.get(key) else "-"
 
     print("\n| shape | layout | ours eager Mtok/s | fla eager Mtok/s | ours graph Mtok/s "
-          "| fla graph Mtok/s | graph ours/fla |")
-    print("|---|---|---|---|---|---|---|")
+          "| fla graph Mtok/s | graph ours/fla | determinism |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         ratio = f"{r['graph_ratio']:.2f}x" if "graph_ratio" in r else "-"
         print(f"| H{r['H']} HV{r['HV']} K{r['K']} V{r['V']} | {r['layout']} | {mtok(r, 'ours_ms')} | "
-              f"{mtok(r, 'fla_ms')} | {mtok(r, 'ours_graph_ms')} | {mtok(r, 'fla_graph_ms')} | {ratio} |")
+              f"{mtok(r, 'fla_ms')} | {mtok(r, 'ours_graph_ms')} | {mtok(r, 'fla_graph_ms')} | {ratio} |"
+              f" {det_text(r['det'])} |")
+    bad = [r for r in result["rows"] if any(r["det"].values())]
+    if bad:
+        for r in bad:
+            print(f"NONDETERMINISTIC: H{r['H']} HV{r['HV']} K{r['K']} V{r['V']} {r['layout']}: "
+                  f"{det_text(r['det'])}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

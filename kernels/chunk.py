@@ -46,27 +46,28 @@ class ChunkConfig:
     out_bv: int = 64
     out_bk: int = 64  # K is looped in blocks of out_bk
     out_warps: int = 4
-    out_stages: int = 1  # see pick_config: more stages made the output nondeterministic
+    out_stages: int = 2
     wy_bk: int = 64
     wy_bv: int = 64
     wy_warps: int = 4
+    wy_stages: int = 3
     wy_solve: str = "blocks"  # (I + A)^-1: "blocks" (timed) or "together" (kernels/chunk_wy.py)
 
 
 def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
     """Launch shapes from sweeps on an H200 (Triton 3.6, docs/performance.md): the state pass
     takes V blocks of 16 when V blocks of 32 would leave over half the SMs idle (K <= 128); the
-    WY kernel runs 2 warps on K <= 128; the output kernel takes V blocks of 64 (V blocks of 32
-    faulted there on Triton 3.6) and is not software-pipelined: with num_stages >= 2 Triton 3.6
-    compiled it into a kernel whose output changed from run to run on the same inputs (measured
-    on an H200: docs/performance.md, "Determinism"); one stage was exact in every shape tried."""
+    WY kernel runs 2 warps on K <= 128; the output kernel takes V blocks of 128 (V blocks of 32
+    faulted there on Triton 3.6), 2 pipeline stages. Every launch is deterministic run to run
+    (bench/kernels_prefill.py checks it bitwise); the output kernel was not with 2-3 stages until
+    q's norm left its pipelined loop (kernels/chunk_output.py says why)."""
     vp = max(16, triton.next_power_of_2(V))
     kp = max(16, triton.next_power_of_2(K))
     bv = 16 if K <= 128 and num_seqs * HV * triton.cdiv(V, 32) <= 66 else 32
     small_k = K <= 128
     return ChunkConfig(
         state_bv=min(bv, vp), state_warps=4, state_stages=3,
-        out_bv=min(64, vp), out_bk=min(64, kp), out_warps=4, out_stages=1,
+        out_bv=min(128, vp), out_bk=min(64, kp), out_warps=4, out_stages=2,
         wy_bk=min(32 if small_k else 64, kp), wy_bv=min(64, vp), wy_warps=2 if small_k else 4,
     )
 
@@ -137,45 +138,79 @@ def chunk_gated_delta_rule_prefill(
     dev = q.device
     cfg = config or pick_config(N, HV, K, V)
     assert cfg.wy_solve in ("blocks", "together"), cfg.wy_solve
-    # On the CPU the kernels run on the Triton interpreter, whose bf16 dot is wrong: widen first.
-    f32 = dev.type == "cpu"
-
     plan = plan or plan_chunks(cu_seqlens.to(dev), T)
     assert plan.num_tokens == T and plan.cu_seqlens.numel() == N + 1
-    cu, chunk_start, chunk_seq = plan.cu_seqlens, plan.chunk_start, plan.chunk_seq
-    NC = chunk_seq.numel()
+    fit_key = (cfg, dtype, dev)
+    cfg = _FITTED.get(fit_key, cfg)
+    cfg, G, rk, w, u = launch_wy(k, v, g, beta, plan, cfg, use_qk_l2norm)
+    cfg, h, v_new = launch_state(k, w, u, G, rk, state_pool, slot_ids, has_initial_state, plan, cfg)
+    cfg, o = launch_output(q, k, G, rk, h, v_new, plan, cfg, scale, use_qk_l2norm)
+    _FITTED[fit_key] = cfg
+    return o
 
+
+# The three launches, each its own function so that bench/kernels_prefill.py can run one of them
+# twice on the same inputs (the bitwise determinism check). Each returns the config it launched
+# with (see _launch_fitting) and its outputs. On the CPU the kernels run on the Triton
+# interpreter, whose bf16 dot is wrong: F32 widens the operands first.
+
+
+def launch_wy(k: Tensor, v: Tensor, g: Tensor, beta: Tensor, plan: ChunkPlan, cfg: ChunkConfig,
+              use_qk_l2norm: bool = True) -> tuple:
+    """Launch 1: returns (cfg, G [T, HV] fp32, rk [T, H] fp32, w [T, HV, K], u [T, HV, V])."""
+    T, H, K = k.shape
+    HV, V = v.shape[1:]
+    dev, dtype = k.device, v.dtype
+    N, NC = plan.cu_seqlens.numel() - 1, plan.chunk_seq.numel()
     G = torch.empty(T, HV, dtype=torch.float32, device=dev)  # within-chunk cumsum of g * log2 e
     rk = torch.empty(T, H, dtype=torch.float32, device=dev)  # 1 / ||k|| (1 without l2norm)
     w = torch.empty(T, HV, K, dtype=dtype, device=dev)
     u = torch.empty(T, HV, V, dtype=dtype, device=dev)
     scratch = torch.empty(NC, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    fit_key = (cfg, dtype, dev)
-    cfg = _FITTED.get(fit_key, cfg)
     cfg = _launch_fitting(cfg, "wy", lambda c: _wy_kernel[(NC, HV)](
-        k, v, g, beta, G, rk, w, u, scratch, cu, chunk_start, chunk_seq, N,
+        k, v, g, beta, G, rk, w, u, scratch, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N,
         H=H, HV=HV, K=K, V=V, BK=c.wy_bk, BV=c.wy_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
-        F32=f32, SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps,
+        F32=dev.type == "cpu", SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps,
+        num_stages=c.wy_stages,
     ))
+    return cfg, G, rk, w, u
 
+
+def launch_state(k: Tensor, w: Tensor, u: Tensor, G: Tensor, rk: Tensor, state_pool: Tensor,
+                 slot_ids: Tensor, has_initial_state: Tensor, plan: ChunkPlan,
+                 cfg: ChunkConfig) -> tuple:
+    """Launch 2, in place on state_pool: returns (cfg, h [NC, HV, K, V], v_new [T, HV, V]); h of
+    the unused tail chunks (chunk_seq == N) is not written."""
+    T, H, K = k.shape
+    HV, V = u.shape[1:]
+    dev, dtype = k.device, u.dtype
+    N, NC = plan.cu_seqlens.numel() - 1, plan.chunk_seq.numel()
     h = torch.empty(NC, HV, K, V, dtype=dtype, device=dev)  # state entering each chunk
     v_new = torch.empty(T, HV, V, dtype=dtype, device=dev)
     two_k = K > 128 or (cfg.state_split and K >= 32)
     BK = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
     cfg = _launch_fitting(cfg, "state", lambda c: _state_kernel[(N * HV * triton.cdiv(V, c.state_bv),)](
-        k, w, u, G, rk, h, v_new, state_pool, slot_ids, has_initial_state, cu, chunk_start,
-        H=H, HV=HV, K=K, V=V, BK=BK, TWO_K=two_k, BV=c.state_bv, F32=f32,
-        num_warps=c.state_warps, num_stages=c.state_stages,
+        k, w, u, G, rk, h, v_new, state_pool, slot_ids, has_initial_state, plan.cu_seqlens,
+        plan.chunk_start, H=H, HV=HV, K=K, V=V, BK=BK, TWO_K=two_k, BV=c.state_bv,
+        F32=dev.type == "cpu", num_warps=c.state_warps, num_stages=c.state_stages,
     ))
+    return cfg, h, v_new
 
-    o = torch.empty(T, HV, V, dtype=dtype, device=dev)
+
+def launch_output(q: Tensor, k: Tensor, G: Tensor, rk: Tensor, h: Tensor, v_new: Tensor,
+                  plan: ChunkPlan, cfg: ChunkConfig, scale: float,
+                  use_qk_l2norm: bool = True) -> tuple:
+    """Launch 3: returns (cfg, o [T, HV, V])."""
+    T, H, K = q.shape
+    HV, V = v_new.shape[1:]
+    N, NC = plan.cu_seqlens.numel() - 1, plan.chunk_seq.numel()
+    o = torch.empty_like(v_new)
     cfg = _launch_fitting(cfg, "out", lambda c: _output_kernel[(NC * triton.cdiv(V, c.out_bv), HV)](
-        q, k, G, rk, h, v_new, o, cu, chunk_start, chunk_seq, N, scale,
+        q, k, G, rk, h, v_new, o, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N, scale,
         H=H, HV=HV, K=K, V=V, BK=c.out_bk, BV=c.out_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
-        F32=f32, num_warps=c.out_warps, num_stages=c.out_stages,
+        F32=q.device.type == "cpu", num_warps=c.out_warps, num_stages=c.out_stages,
     ))
-    _FITTED[fit_key] = cfg
-    return o
+    return cfg, o
 
 
 # Launch shapes that fit this card's shared memory, by (asked-for config, input dtype, device).
@@ -206,9 +241,13 @@ def _shrink(cfg: ChunkConfig, kernel: str) -> ChunkConfig | None:
             return replace(cfg, state_stages=cfg.state_stages - 1)
         return replace(cfg, state_bv=cfg.state_bv // 2) if cfg.state_bv > 16 else None
     if kernel == "out":
+        if cfg.out_stages > 1:
+            return replace(cfg, out_stages=cfg.out_stages - 1)
         if cfg.out_bk > 16:
             return replace(cfg, out_bk=cfg.out_bk // 2)
         return None  # out_bv is not narrowed: V blocks of 32 faulted on Triton 3.6 (see pick_config)
+    if cfg.wy_stages > 1:
+        return replace(cfg, wy_stages=cfg.wy_stages - 1)
     if cfg.wy_bv > 16:
         return replace(cfg, wy_bv=cfg.wy_bv // 2)
     return replace(cfg, wy_bk=cfg.wy_bk // 2) if cfg.wy_bk > 16 else None

@@ -2,8 +2,14 @@
 value head), from the chunk's entering state h[c] and v_new of the state kernel:
 
   o = s r_q * [ exp2(G) (Q h[c]) + (Q K^T diag(r_k) * exp2(G_i - G_j), j <= i) v_new ]
-with raw q, k and the l2norm applied as the row scales r_q = 1/||q||, r_k = 1/||k|| (K is looped
-in blocks of BK, so q's norm is summed along the way).
+with raw q, k and the l2norm applied as the row scales r_q = 1/||q||, r_k = 1/||k||.
+
+The K loop holds only the two products, and q's norm is summed in a second loop after it. With
+q's tile also read by register code inside the software-pipelined loop, Triton 3.6 gave that tile
+one shared-memory buffer fewer than the asynchronous wgmma reading it needs (num_stages - 1, as
+for a load with no dot user), so the copy of the next K block overwrote q while the products of
+this one still read it: with num_stages >= 2 the output changed from run to run on an H200 (seen
+in the TTGIR: q in a 1 x 64 x 64 buffer at 2 stages, k and h in 2; wgmma wait with 2 pending).
 """
 
 import triton
@@ -37,7 +43,6 @@ def _output_kernel(
         p_h = h + (c * HV + hv) * (K * V) + cv[None, :]
         acc_o = tl.zeros([64, BV], dtype=tl.float32)
         acc_a = tl.zeros([64, 64], dtype=tl.float32)
-        ss = tl.zeros([64], dtype=tl.float32)
         for k0 in range(0, K, BK):
             ck = k0 + tl.arange(0, BK)
             mk = m[:, None] & (ck[None, :] < K)
@@ -45,11 +50,15 @@ def _output_kernel(
             b_k = tl.load(p_k + ck[None, :], mask=mk, other=0.0)
             b_h = tl.load(p_h + ck[:, None] * V, mask=(ck[:, None] < K) & (cv[None, :] < V),
                           other=0.0)
-            qf = b_q.to(tl.float32)
-            ss += tl.sum(qf * qf, axis=1)
             acc_o = _mm(b_q, b_h, acc_o, F32)
             acc_a = _mm(b_q, tl.trans(b_k), acc_a, F32)
-        if USE_L2:
+        if USE_L2:  # q's tiles again (from L1/L2), outside the pipelined loop: see the docstring
+            ss = tl.zeros([64], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                ck = k0 + tl.arange(0, BK)
+                qf = tl.load(p_q + ck[None, :], mask=m[:, None] & (ck[None, :] < K),
+                             other=0.0).to(tl.float32)
+                ss += tl.sum(qf * qf, axis=1)
             r_q = tl.rsqrt(ss + EPS) * scale
         else:
             r_q = tl.zeros([64], dtype=tl.float32) + scale

@@ -165,17 +165,22 @@ def _wy_kernel(
         tl.store(G + tok * HV + hv, b_G, mask=m)
         b_beta = tl.load(beta + tok * HV + hv, mask=m, other=0.0).to(tl.float32)
 
-        # Raw K K^T and the squared row norms, over K in blocks of BK.
+        # Raw K K^T over K in blocks of BK, and the squared row norms in a loop of their own:
+        # register code reading the product's k tile in the pipelined loop would get that tile
+        # one buffer fewer than the asynchronous wgmma needs on Triton 3.6 (kernels/chunk_output.py).
         p_k = k + (tok * (H * K) + hk * K)[:, None]
         A = tl.zeros([64, 64], dtype=tl.float32)
-        ss = tl.zeros([64], dtype=tl.float32)
         for k0 in range(0, K, BK):
             ck = k0 + tl.arange(0, BK)
             b_k = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K), other=0.0)
-            kf = b_k.to(tl.float32)
-            ss += tl.sum(kf * kf, axis=1)
             A = _mm(b_k, tl.trans(b_k), A, F32)
         if USE_L2:
+            ss = tl.zeros([64], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                ck = k0 + tl.arange(0, BK)
+                kf = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K),
+                             other=0.0).to(tl.float32)
+                ss += tl.sum(kf * kf, axis=1)
             b_r = tl.rsqrt(ss + EPS)
         else:
             b_r = tl.where(m, 1.0, 0.0)
