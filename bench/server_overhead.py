@@ -93,7 +93,7 @@ def serve_paced(model_dir: Path, port: int, concurrency: int, steps_per_s: float
     """The server process: the real app and uvicorn, a ProcessEngine whose process steps a PacedEngine."""
     from engine.engine_process import ProcessEngine
     from engine.loader import read_config_and_tokenizer
-    from server.serve import ServerConfig, make_server, setup_request_log, state_for
+    from server.serve import ServerConfig, make_server, settle_garbage_collector, setup_request_log, state_for
 
     setup_request_log(False)
     config = ServerConfig(port=port, log_level="error", log_requests=False)
@@ -102,7 +102,9 @@ def serve_paced(model_dir: Path, port: int, concurrency: int, steps_per_s: float
                            build=functools.partial(build_paced_engine, steps_per_s=steps_per_s))
     engine.start()
     try:
-        make_server(state_for(engine, model_dir, model_config, tokenizer, config), config).run()
+        server = make_server(state_for(engine, model_dir, model_config, tokenizer, config), config)
+        settle_garbage_collector()
+        server.run()
     finally:
         engine.stop()
 

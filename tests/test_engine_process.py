@@ -208,7 +208,8 @@ def test_outputs_that_queued_up_merge_from_their_packed_form_as_from_the_outputs
     from engine.sampling import TokenLogprob
 
     def out(text, token, finish=None, logprobs=None, done=False, count=1):
-        return RequestOutput("r", [CompletionOutput(0, text, [token], logprobs, finish, None)], [], None, done, 7, count)
+        return RequestOutput("r", [CompletionOutput(0, text, [token], logprobs, finish, None)], [], None, done, 7,
+                             count)
 
     plain = [out("a", 97, count=1), out("é", 233, count=2), out('"', 34, count=3)]
     mixed = plain + [out("z", 122, logprobs=[TokenLogprob(122, -0.5, [(122, -0.5)])], count=4),
