@@ -15,7 +15,9 @@ import triton.language as tl
 from torch import Tensor
 
 
-@triton.jit
+# M (rows) changes every step: unspecialised, one compiled kernel serves every batch (Triton would
+# otherwise build separate ones for M == 1 and M % 16 == 0, met first mid-serving).
+@triton.jit(do_not_specialize=["M"])
 def _gated_rms_norm_kernel(
     x,  # [T, H, N]: row m is (m // H, m % H); last dim contiguous
     z,  # [T, H, N], as x
@@ -77,7 +79,7 @@ def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, eps: float = 1e-6) -> T
     return y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # see _gated_rms_norm_kernel
 def _rms_norm_kernel(
     x,  # [M, N], last dim contiguous
     residual,  # [M, N], last dim contiguous (unread without HAS_RESIDUAL)
