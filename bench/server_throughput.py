@@ -2,13 +2,17 @@
 
 For each concurrency C: (1) the engine alone: LLMEngine driven in this process, C requests added at once,
 stepped until all finish; (2) the server: `python -m server` as a subprocess with the same engine options,
-C concurrent streaming /v1/completions requests from client processes (so client parsing does not share
-the server's interpreter). Each request: a random token-id prompt of --prompt-len, --max-tokens greedy
-tokens with ignore_eos. Throughput = generated tokens / wall time from the first request to the last
-token. Prints a table and writes JSON to $OUT/server_throughput.json if OUT is set.
+C concurrent streaming /v1/completions requests from client processes (raw sockets: each stream is read
+as bytes and only its last event, the usage chunk, is parsed, so the clients cost a fraction of the
+server). Each request: a random token-id prompt of --prompt-len, --max-tokens greedy tokens with
+ignore_eos. Throughput = generated tokens / wall time from the first request to the last token. Also
+reported: the server process's own CPU time per generated token and as a share of the wall time (its
+engine process not included), the clients' CPU share, and tokens per SSE event (above 1 when the
+server falls behind and merges what queued up). Prints a table and writes JSON to
+$OUT/server_throughput.json if OUT is set.
 
     python bench/server_throughput.py [--concurrency 64 256] [--prompt-len 128] [--max-tokens 256]
-                                      [--engine-process auto|on|off]
+                                      [--engine-process auto|on|off] [--tiny --device cpu]
 """
 
 from __future__ import annotations
