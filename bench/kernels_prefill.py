@@ -243,7 +243,7 @@ def sweep_variants(base, K, V):
     for bk, bv, nw, ns, solve in [(32, 64, 2, 3, "blocks"), (64, 64, 2, 3, "blocks"),
                                   (32, 64, 2, 1, "blocks"), (64, 64, 4, 3, "blocks"),
                                   (32, 64, 4, 3, "blocks"), (32, 64, 2, 3, "together"),
-                                  (64, 64, 4, 3, "together"), (32, 64, 4, 3, "together"),
+                                  (64, 64, 2, 3, "together"), (64, 64, 4, 3, "together"), (32, 64, 4, 3, "together"),
                                   (64, 64, 8, 3, "together")]:
         out.append(("wy", replace(base, wy_bk=min(bk, K), wy_bv=min(bv, V), wy_warps=nw,
                                   wy_stages=ns, wy_solve=solve)))

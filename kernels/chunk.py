@@ -46,20 +46,21 @@ class ChunkConfig:
     out_bv: int = 64
     out_bk: int = 64  # K is looped in blocks of out_bk
     out_warps: int = 4
-    out_stages: int = 2
+    out_stages: int = 3
     wy_bk: int = 64
     wy_bv: int = 64
     wy_warps: int = 4
     wy_stages: int = 3
-    wy_solve: str = "blocks"  # (I + A)^-1: "blocks" (timed) or "together" (kernels/chunk_wy.py)
+    wy_solve: str = "together"  # (I + A)^-1: "together" or "blocks" (kernels/chunk_wy.py)
 
 
 def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
     """Launch shapes from sweeps on an H200 (Triton 3.6, docs/performance.md): the state pass
     takes V blocks of 16 when V blocks of 32 would leave over half the SMs idle (K <= 128); the
-    WY kernel runs 2 warps on K <= 128; the output kernel takes V blocks of 128 (V blocks of 32
-    faulted there on Triton 3.6), 2 pipeline stages. Every launch is deterministic run to run
-    (bench/kernels_prefill.py checks it bitwise); the output kernel was not with 2-3 stages until
+    WY kernel solves "together" (15-18% faster whole prefill than "blocks" at K = 128) on 2
+    warps for K <= 128; the output kernel takes V blocks of 128 (V blocks of 32 faulted there on
+    Triton 3.6), 3 pipeline stages. Every launch was bitwise deterministic run to run in the
+    sweep (bench/kernels_prefill.py checks it); the output kernel was not with 2-3 stages until
     q's norm left its pipelined loop (kernels/chunk_output.py says why)."""
     vp = max(16, triton.next_power_of_2(V))
     kp = max(16, triton.next_power_of_2(K))
@@ -67,8 +68,9 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
     small_k = K <= 128
     return ChunkConfig(
         state_bv=min(bv, vp), state_warps=4, state_stages=3,
-        out_bv=min(128, vp), out_bk=min(64, kp), out_warps=4, out_stages=2,
+        out_bv=min(128, vp), out_bk=min(64, kp), out_warps=4, out_stages=3,
         wy_bk=min(32 if small_k else 64, kp), wy_bv=min(64, vp), wy_warps=2 if small_k else 4,
+        wy_solve="together",
     )
 
 
