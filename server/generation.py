@@ -111,11 +111,6 @@ class Generation:
             self.close()
             raise
 
-    def _stop_watching(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
-
     def abort(self) -> None:
         """End every unfinished choice now (finish_reason "abort"); used when a drain runs out of time."""
         for i, track in enumerate(self.tracks[:self._submitted]):
@@ -183,6 +178,11 @@ class Generation:
         return sum(t.completion_tokens for t in self.tracks)
 
     # ---- internals ------------------------------------------------------------------------------
+
+    def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
     async def _watch(self, request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
