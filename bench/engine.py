@@ -175,7 +175,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp())
     hf_model = build_model(folder)
     report(what="model", params_M=round(sum(p.numel() for p in hf_model.parameters()) / 1e6, 1))
-    for dtype in [d for d in args.check_dtypes.split(",") if d != "bfloat16"]:
+    for dtype in [d for d in args.check_dtypes.split(",") if d and d != "bfloat16"]:
         check_determinism(load_model(folder, device="cuda", dtype=dtype), args.prompt)
     loaded = load_model(folder, device="cuda", dtype="bfloat16")
     capacity(loaded, args.state_dtypes.split(","))
