@@ -18,7 +18,7 @@ import triton.language as tl
 from kernels.chunk_common import _chunk_bounds, _decay_mask, _mm
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # see kernels/chunk_wy.py
 def _output_kernel(
     q, k, G, rk, h, v_new, o, cu_seqlens, chunk_start, chunk_seq, N, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,

@@ -145,7 +145,9 @@ def _solve_together(p_s, A):
     return _tf32(Y, Dinv)
 
 
-@triton.jit
+# N (sequences in the batch) changes every step: unspecialised, so a mixed step meeting N == 1 or
+# N % 16 == 0 for the first time does not build a new kernel mid-serving.
+@triton.jit(do_not_specialize=["N"])
 def _wy_kernel(
     k, v, g, beta, G, rk, w, u, scratch, cu_seqlens, chunk_start, chunk_seq, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
