@@ -36,10 +36,13 @@ def test_one_call_for_mixed_decodes_and_chunks_matches_a_naive_softmax(window, m
     q = torch.randn(sum(lens), HEADS, D, generator=gen)
     calls = []
     sdpa = attention.F.scaled_dot_product_attention
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    # Each call also records whether cuDNN's backend was allowed (it builds a plan per new shape).
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(torch.backends.cuda.cudnn_sdp_enabled()) or sdpa(*a, **k))
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's default, outside our calls
     got = attention.attend_groups(q, batch.positions, keys, values, batch.attention_groups, window)
     torch.testing.assert_close(got, _naive(q, keys, values, lens, starts, slots, window), atol=1e-5, rtol=1e-5)
-    assert len(calls) == 2  # one for the one-token sequences, one for the chunks: no loop over sequences
+    assert calls == [False, False]  # one for the one-token sequences, one for the chunks; never cuDNN
 
 
 @pytest.mark.parametrize("window", [None, 1, 7, 64])

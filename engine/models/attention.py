@@ -28,6 +28,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Every SDPA backend but cuDNN's: cuDNN builds an execution plan the first time it meets a shape,
+# and a server meets new (sequences, chunk length, key length) shapes all the time. On an H200 the
+# first full pass of bench/engine.py at batch 128 took 3.8 s with it and 0.87 s without (steady
+# state 0.87-0.91 s either way): plan building, not attention, was the cost.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with sdpa_kernel(_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 @dataclass(frozen=True)
@@ -99,8 +111,8 @@ def attend_groups(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, 
         heads, d = q.shape[1:]
         group_size = heads // k.shape[2]
         k, v = k.repeat_interleave(group_size, dim=2), v.repeat_interleave(group_size, dim=2)
-        o = F.scaled_dot_product_attention(q[group.query_index].transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), attn_mask=mask)  # [N, heads, Tmax, d]
+        o = _sdpa(q[group.query_index].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                  mask)  # [N, heads, Tmax, d]
         out[group.out_tokens] = o.transpose(1, 2).reshape(n * t_max, heads, d)[group.out_rows]
     return out
 
@@ -124,6 +136,5 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, 
     # share the position and so the mask. enable_gqa would copy every key and value group times instead
     # (SDPA's math path, the one a boolean mask with GQA takes on CUDA, repeats them).
     grouped = q.reshape(B, k.shape[2], heads // k.shape[2], d)
-    out = F.scaled_dot_product_attention(grouped, k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None, None, :])  # [B, kv_heads, group, d]
+    out = _sdpa(grouped, k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :])  # [B, kv_heads, group, d]
     return out.reshape(B, heads, d)
