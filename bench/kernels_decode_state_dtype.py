@@ -43,7 +43,7 @@ def main() -> None:
             default = decode_launch_config(B, HV, K, V, device, pool.element_size())
             ms = triton.testing.do_bench(run)
             best = min(shapes)
-            print(f"B={B} {str(dtype):15s} default {default} {ms * 1e3:7.1f} us {moved / ms / 1e9:5.0f} GB/s | "
+            print(f"B={B} {str(dtype):15s} default {default} {ms * 1e3:7.1f} us {moved / ms / 1e6:5.0f} GB/s | "
                   f"best BV={best[1]} warps={best[2]} {best[0] * 1e3:7.1f} us | all "
                   + " ".join(f"{bv}/{w}:{t * 1e3:.0f}" for t, bv, w in shapes), flush=True)
             del pool
