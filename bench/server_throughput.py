@@ -53,7 +53,13 @@ def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, 256, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> float:
+_COUNTERS = ("steps", "step_seconds", "overlapped_steps")
+_METRIC_OF = {"steps": "deltaserve:engine_steps_total", "step_seconds": "deltaserve:engine_step_seconds_total",
+              "overlapped_steps": "deltaserve:engine_overlapped_decode_steps_total"}
+
+
+def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> tuple[float, dict]:
+    """Generated tok/s of the engine stepped in this process, and its step counters over the timed run."""
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=max(2048, concurrency)))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
@@ -69,8 +75,19 @@ def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> 
         return tokens, time.perf_counter() - start
 
     run(prompts(concurrency, prompt_len, seed=1), "warm")  # compiles kernels for these shapes
+    before = {name: getattr(engine.counters, name) for name in _COUNTERS}
     tokens, seconds = run(prompts(concurrency, prompt_len), "r")
-    return tokens / seconds
+    return tokens / seconds, {name: getattr(engine.counters, name) - before[name] for name in _COUNTERS}
+
+
+def _server_engine_counters(url: str) -> dict:
+    """The server's engine step counters, from /metrics."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition("{")
+        if name in _METRIC_OF.values():
+            values[name] = float(value.rsplit(" ", 1)[1])
+    return {key: values.get(metric, 0.0) for key, metric in _METRIC_OF.items()}
 
 
 def _request_bytes(ids: list[int], max_tokens: int) -> bytes:
@@ -139,16 +156,19 @@ def http_streams(url: str, concurrency: int, prompt_len: int, max_tokens: int, s
         p.start()
     for _ in procs:
         ready.get(timeout=300)
+    counters = _server_engine_counters(url)
     server_cpu = _cpu_seconds(server_pid)
     go.set()
     parts = [results.get(timeout=900) for _ in procs]
     server_cpu = None if server_cpu is None else _cpu_seconds(server_pid) - server_cpu
+    after = _server_engine_counters(url)
+    counters = {name: after[name] - counters[name] for name in _COUNTERS}
     for p in procs:
         p.join()
     tokens, events = sum(p[0] for p in parts), sum(p[1] for p in parts)
     assert tokens == concurrency * max_tokens, (tokens, concurrency * max_tokens)
     wall = max(p[3] for p in parts) - min(p[2] for p in parts)
-    return {"tok_s": tokens / wall, "tokens_per_event": tokens / max(events, 1),
+    return {"tok_s": tokens / wall, "tokens_per_event": tokens / max(events, 1), "engine_counters": counters,
             "server_cpu_us_per_token": None if server_cpu is None else 1e6 * server_cpu / tokens,
             "server_cpu_share": None if server_cpu is None else server_cpu / wall,
             "client_cpu_share": sum(p[4] for p in parts) / wall}
@@ -197,7 +217,7 @@ def main() -> None:
     loaded = load_model(model_dir, device=args.device)
     rows = []
     for c in args.concurrency:
-        engine_tps = engine_alone(loaded, c, args.prompt_len, args.max_tokens)
+        engine_tps, alone_counters = engine_alone(loaded, c, args.prompt_len, args.max_tokens)
         proc = serve(model_dir, args.device, c, args.port, args.engine_process)
         try:
             url = f"http://127.0.0.1:{args.port}"
@@ -208,12 +228,17 @@ def main() -> None:
             proc.wait(timeout=120)
         http_tps = http.pop("tok_s")
         rows.append({"concurrency": c, "engine_tok_s": engine_tps, "http_tok_s": http_tps,
-                     "ratio": http_tps / engine_tps, **http})
+                     "ratio": http_tps / engine_tps, "engine_alone_counters": alone_counters, **http})
         us = http["server_cpu_us_per_token"]
         print(f"C={c:4d}  engine {engine_tps:9.0f} tok/s  http {http_tps:9.0f} tok/s  "
               f"ratio {http_tps / engine_tps:.3f}  | server process {us or float('nan'):5.1f} CPU us/token, "
               f"busy {http['server_cpu_share'] or float('nan'):.2f}; clients busy {http['client_cpu_share']:.2f}; "
               f"{http['tokens_per_event']:.2f} tokens/event", flush=True)
+        for where, n in (("alone", alone_counters), ("server", http["engine_counters"])):
+            # Same work both ways: more steps, or longer ones, behind the server say where the time went.
+            print(f"        engine {where:6s}: {n['steps']:6.0f} steps, {n['step_seconds']:6.3f} s in steps "
+                  f"({1e3 * n['step_seconds'] / max(n['steps'], 1):.3f} ms each), "
+                  f"{n['overlapped_steps']:.0f} overlapped", flush=True)
     card = torch.cuda.get_device_name() if loaded.model.device.type == "cuda" else "cpu"
     result = {"card": card, "torch": torch.__version__, "config": config, "engine_process": args.engine_process,
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "rows": rows}

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.engine import LLMEngine, RequestLimits
 from engine.request import RequestOutput, merge_outputs
@@ -49,11 +49,16 @@ class EngineStats:
     slots_used: int
     slots_total: int
     alive: bool = True  # False once the engine process has died
+    steps: int = 0  # engine steps since start-up (engine.engine.StepCounters)
+    step_seconds: float = 0.0
+    overlapped_steps: int = 0
 
 
 def engine_stats(engine: LLMEngine) -> EngineStats:
-    sched, pool = engine.scheduler, engine.pool
-    return EngineStats(len(sched.running), len(sched.waiting), pool.capacity - pool.num_free, pool.capacity)
+    sched, pool, counters = engine.scheduler, engine.pool, engine.counters
+    return EngineStats(len(sched.running), len(sched.waiting), pool.capacity - pool.num_free, pool.capacity,
+                       steps=counters.steps, step_seconds=counters.step_seconds,
+                       overlapped_steps=counters.overlapped_steps)
 
 
 # ---- the step loop, in a thread or in the engine process ---------------------------------------------
@@ -298,7 +303,7 @@ class AsyncEngine(EngineClient):
 
     def stats(self) -> EngineStats:
         stats = engine_stats(self.engine)
-        return EngineStats(stats.num_running, stats.num_waiting + self._pending, stats.slots_used, stats.slots_total)
+        return replace(stats, num_waiting=stats.num_waiting + self._pending)
 
     @property
     def limits(self) -> RequestLimits:

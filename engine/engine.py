@@ -88,6 +88,15 @@ def plan_num_slots(loaded: LoadedModel, config: EngineConfig, max_len: int | Non
 
 
 @dataclass
+class StepCounters:
+    """What the step loop has done since start-up (exported as metrics: is the engine busy, and how)."""
+
+    steps: int = 0  # step() calls that ran work
+    step_seconds: float = 0.0  # wall time inside those calls
+    overlapped_steps: int = 0  # decode steps launched on the device's tokens (EngineConfig.overlap_decode)
+
+
+@dataclass
 class InFlightDecode:
     """A decode step launched on the device whose tokens the host has not read yet."""
 
@@ -128,6 +137,7 @@ class LLMEngine:
         overlap = config.overlap_decode if config.overlap_decode is not None else self.decode_step is not None
         self.overlap_decode = overlap and self.decode_step is not None
         self._in_flight: InFlightDecode | None = None
+        self.counters = StepCounters()
         log.info("engine: %s", self.pool.describe())
 
     def _make_decode_step(self) -> DecodeStep | None:
@@ -178,8 +188,16 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        outputs = self._step()
+        counters = self.counters
+        counters.steps += 1
+        counters.step_seconds += time.perf_counter() - start
+        return outputs
+
+    @torch.inference_mode()
+    def _step(self) -> list[RequestOutput]:
         if self._in_flight is not None:
             return self._finish_in_flight()
         plan = self.scheduler.schedule()
@@ -236,6 +254,7 @@ class LLMEngine:
             for seq in nxt:
                 seq.num_computed += 1
             self._in_flight = InFlightDecode.launch(nxt, logits)
+            self.counters.overlapped_steps += 1
         kept = [(seq, token) for seq, token in zip(current.seqs, current.token_ids()) if not seq.finished]
         outputs = self._record([seq for seq, _ in kept], BatchSample([t for _, t in kept], [None] * len(kept)))
         if self._in_flight is not None:

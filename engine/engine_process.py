@@ -22,7 +22,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -124,8 +124,8 @@ class ProcessEngine(EngineClient):
         """The engine process's latest snapshot (one arrives with every step), plus what is on its way there."""
         stats = self._snapshot[0]
         if self._error is not None:
-            return EngineStats(0, 0, 0, stats.slots_total, alive=False)
-        return EngineStats(stats.num_running, self.num_queued(), stats.slots_used, stats.slots_total)
+            return replace(stats, num_running=0, num_waiting=0, slots_used=0, alive=False)
+        return replace(stats, num_waiting=self.num_queued())
 
     @property
     def pid(self) -> int | None:

@@ -46,6 +46,13 @@ class Metrics:
         self.itl = histogram("inter_token_latency_seconds", "Time between generated tokens of a request.",
                              _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
+        self.engine_steps = counter("engine_steps", "Engine steps run (each: prompt chunks and/or one decode token "
+                                    "per running sequence).")
+        self.engine_step_seconds = counter("engine_step_seconds", "Wall time the engine spent inside steps; "
+                                           "over engine_steps, the mean step time.")
+        self.overlapped_steps = counter("engine_overlapped_decode_steps", "Decode steps launched on the previous "
+                                        "step's tokens on the device while the host finished that step.")
+        self._engine_seen = EngineStats(0, 0, 0, 0)  # the counters' values at the last scrape
 
         # the per-token path uses these bound children: labels() costs a lock and a lookup per call
         self._generation_tokens = self.generation_tokens.labels(model_name)
@@ -57,6 +64,12 @@ class Metrics:
         self.slots_used.labels(self._model).set(stats.slots_used)
         self.slots_total.labels(self._model).set(stats.slots_total)
         self.slot_usage.labels(self._model).set(stats.slots_used / max(stats.slots_total, 1))
+        # The engine keeps running totals; a counter moves by what changed since the last scrape.
+        seen = self._engine_seen
+        self.engine_steps.labels(self._model).inc(max(stats.steps - seen.steps, 0))
+        self.engine_step_seconds.labels(self._model).inc(max(stats.step_seconds - seen.step_seconds, 0.0))
+        self.overlapped_steps.labels(self._model).inc(max(stats.overlapped_steps - seen.overlapped_steps, 0))
+        self._engine_seen = stats
         return generate_latest(self.registry)
 
     # ---- fed by the request path ----------------------------------------------------------------

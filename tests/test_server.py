@@ -164,3 +164,9 @@ def test_metrics_count_tokens_and_finished_requests(server, client):
                  "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket"):
         assert f"deltaserve:{name}" in text
     assert 'deltaserve:request_success_total{finished_reason="length"' in text
+    # The engine's step counters: the request above took at least one step per token.
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("deltaserve:engine_")}
+    assert values["deltaserve:engine_steps_total"] >= 3
+    assert values["deltaserve:engine_step_seconds_total"] > 0
+    assert "deltaserve:engine_overlapped_decode_steps_total" in values
