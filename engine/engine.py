@@ -91,7 +91,7 @@ def plan_num_slots(loaded: LoadedModel, config: EngineConfig, max_len: int | Non
 class StepCounters:
     """What the step loop has done since start-up (exported as metrics: is the engine busy, and how)."""
 
-    steps: int = 0  # step() calls that ran work
+    steps: int = 0  # step() calls
     step_seconds: float = 0.0  # wall time inside those calls
     overlapped_steps: int = 0  # decode steps launched on the device's tokens (EngineConfig.overlap_decode)
 
@@ -242,8 +242,9 @@ class LLMEngine:
         and record the in-flight step's tokens while the GPU runs the next one.
 
         The next step takes every sequence that can still go on: one that the in-flight token ends
-        (EOS, a stop string) is found only while recording; its extra token is computed and dropped,
-        and its slot, released while recording, is written by nothing queued after that."""
+        (EOS, a stop string) is found only while recording; its extra token is computed and dropped.
+        Its slot, released while recording, is last written by that next step, which the stream
+        runs before anything a new owner of the slot queues."""
         current, self._in_flight = self._in_flight, None
         going_on = [i for i, seq in enumerate(current.seqs) if self._may_continue(seq)]
         nxt = [current.seqs[i] for i in going_on]
