@@ -14,7 +14,8 @@ from engine.cuda_graphs import DecodeStep
 from engine.loader import LoadedModel
 from engine.models.state import Batch
 from engine.request import CompletionOutput, Request, RequestOutput, Sequence
-from engine.sampling import BatchSample, SamplingParams, TokenLogprob, prompt_logprobs, sample_batch
+from engine.sampling import (BatchSample, SamplingParams, TokenLogprob, prompt_logprobs, sample_batch,
+                             sample_on_device)
 from engine.scheduler import PrefillChunk, Scheduler
 from engine.slots import SlotPool, resolve_state_dtype
 
@@ -34,8 +35,8 @@ class EngineConfig:
     # and halves decode state traffic, at some accuracy.
     state_dtype: str = "float32"
     # Overlap the host's work on a decode step's tokens (detokenize, stop checks, outputs) with the
-    # GPU running the next decode step, fed from the device (greedy batches on the decode-graph
-    # path): None = wherever decode graphs are used.
+    # GPU running the next decode step, fed from the device (batches whose sampling needs nothing
+    # from the host, on the decode-graph path): None = wherever decode graphs are used.
     overlap_decode: bool | None = None
 
     def __post_init__(self) -> None:
@@ -107,7 +108,7 @@ class InFlightDecode:
 
     @classmethod
     def launch(cls, seqs: list[Sequence], logits: torch.Tensor) -> InFlightDecode:
-        tokens = logits.argmax(dim=-1)
+        tokens = sample_on_device(logits, [seq.sampler for seq in seqs])
         if tokens.device.type != "cuda":
             return cls(seqs, tokens, tokens, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -231,10 +232,11 @@ class LLMEngine:
     # ---- decode steps overlapped with the host's work on the previous one ----------------------
 
     def _may_overlap(self, seqs: list[Sequence]) -> bool:
-        """Can the next decode step run before the host has seen this one's tokens? Only for greedy
-        rows (no host state feeds their sampling), and not while a waiting request could be
-        admitted (it must not wait behind a chain of decode steps)."""
-        return (self.overlap_decode and all(seq.sampler.argmax_only for seq in seqs)
+        """Can the next decode step run before the host has seen this one's tokens? Only where no
+        sequence's sampling depends on its output so far (greedy or drawn, with seeds, top-k/p,
+        min-p, logit bias; not penalties, an unmet min_tokens, or logprobs to read back), and not
+        while a waiting request could be admitted (it must not wait behind a chain of steps)."""
+        return (self.overlap_decode and all(seq.sampler.needs_no_history for seq in seqs)
                 and not self.scheduler.can_admit())
 
     def _finish_in_flight(self) -> list[RequestOutput]:

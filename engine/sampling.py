@@ -125,7 +125,19 @@ class SequenceSampler:
     @property
     def argmax_only(self) -> bool:
         """This step's token is the argmax of the raw logits (min_tokens, while it bans tokens, changes them)."""
-        return self._plain_greedy and (len(self.output_ids) >= self.params.min_tokens or not self._banned_early)
+        return self._plain_greedy and self._min_tokens_met
+
+    @property
+    def needs_no_history(self) -> bool:
+        """This step's token can be drawn before the host knows the previous one: nothing it depends on
+        changes with the output (no penalties, no min_tokens ban left) and nothing is read back (no
+        logprobs). Stays true as the output grows, so a decode step may be launched on the device's
+        tokens of the step before (engine.LLMEngine's overlapped decode)."""
+        return not self.has_penalties and self.params.logprobs is None and self._min_tokens_met
+
+    @property
+    def _min_tokens_met(self) -> bool:
+        return len(self.output_ids) >= self.params.min_tokens or not self._banned_early
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self._seed is not None and self._generator is None:
@@ -171,6 +183,22 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> Batch
     if all(s.argmax_only for s in samplers):
         # The common serving case: no copy of the [B, vocab] logits; only the [B] token ids reach the host.
         return BatchSample(logits.argmax(dim=-1).tolist(), [None] * len(samplers))
+    tokens, logits = _sample(logits, samplers)
+    return BatchSample(tokens.tolist(), _logprobs(logits, tokens, samplers))
+
+
+@torch.inference_mode()
+def sample_on_device(logits: torch.Tensor, samplers: list[SequenceSampler]) -> torch.Tensor:
+    """The tokens sample_batch would pick, as a [B] tensor on the logits' device, with nothing read back
+    to the host; for samplers that all need_no_history (no logprobs to return)."""
+    assert all(s.needs_no_history for s in samplers), "a sampler needs the host (penalties, min_tokens, logprobs)"
+    if all(s.argmax_only for s in samplers):
+        return logits.argmax(dim=-1)
+    return _sample(logits, samplers)[0]
+
+
+def _sample(logits: torch.Tensor, samplers: list[SequenceSampler]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B] on the device, the processed fp32 logits [B, vocab] they were drawn from)."""
     if any(s.has_penalties or s.params.logit_bias or len(s.output_ids) < s.params.min_tokens for s in samplers):
         logits = logits.to(torch.float32, copy=True)  # [B, vocab], changed in place below
         _apply_penalties(logits, samplers)
@@ -187,7 +215,7 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> Batch
     if drawn:
         rows = _index(drawn, logits.device)
         tokens[rows] = _draw(logits[rows] if len(drawn) < len(samplers) else logits, [samplers[i] for i in drawn])
-    return BatchSample(tokens.tolist(), _logprobs(logits, tokens, samplers))
+    return tokens, logits
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:

@@ -85,14 +85,30 @@ def test_overlapped_decode_gives_the_same_outputs_and_stops_in_the_same_place(lo
     assert expected["r2"][0] == r2_ids[:first_new + 1] and expected["r3"][2] == "length" and len(expected["r3"][0]) == 3
 
 
-def test_sampled_requests_are_not_overlapped(loaded, monkeypatch):
-    # A drawn token's sampling state lives on the host; those batches stay one step at a time.
+def test_drawn_tokens_are_overlapped_and_seeds_still_reproduce(loaded, monkeypatch):
+    # Temperature, top-k/p, min-p, a seed and a logit bias need nothing from the previous token:
+    # the step after is launched before the host reads it, and the seeded draws stay the same.
+    drawn = {"a": SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=5),
+             "b": SamplingParams(max_tokens=10, temperature=0.7, top_k=20, min_p=0.05, seed=6,
+                                 logit_bias={10: 3.0}),
+             "c": SamplingParams(max_tokens=10, ignore_eos=True)}
+    arrivals = {0: [(rid, _prompt(loaded, i), p) for i, (rid, p) in enumerate(drawn.items())]}
     launches = _count_launches(monkeypatch)
-    seeded = SamplingParams(max_tokens=8, temperature=0.8, seed=5)
-    results = _drive(_engine(loaded, True), {0: [("a", _prompt(loaded, 1), seeded)]})
-    assert not launches and len(results["a"][0]) == 8
-    alone = _drive(_engine(loaded, False), {0: [("a", _prompt(loaded, 1), seeded)]})
-    assert results == alone
+    overlapped = _drive(_engine(loaded, True), arrivals)
+    assert launches and max(launches) == 3
+    assert overlapped == _drive(_engine(loaded, False), arrivals)
+
+
+def test_requests_that_need_their_history_are_not_overlapped(loaded, monkeypatch):
+    # Penalties count the previous token, min_tokens bans by the output's length, logprobs are read back.
+    launches = _count_launches(monkeypatch)
+    needy = {"pen": SamplingParams(max_tokens=8, temperature=0.8, seed=5, repetition_penalty=1.3),
+             "min": SamplingParams(max_tokens=8, min_tokens=6),
+             "lp": SamplingParams(max_tokens=8, logprobs=2)}
+    arrivals = {0: [(rid, _prompt(loaded, i), p) for i, (rid, p) in enumerate(needy.items())]}
+    results = _drive(_engine(loaded, True), arrivals)
+    assert not launches and all(len(ids) == 8 for ids, _, _ in results.values())
+    assert results == _drive(_engine(loaded, False), arrivals)
 
 
 def test_abort_while_a_step_is_in_flight_frees_the_slot_and_sends_nothing_more(loaded):
