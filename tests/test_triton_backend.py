@@ -22,8 +22,13 @@ def pair(tmp_path_factory):
             load_model(folder, device="cpu", backend="triton").model)
 
 
-def test_triton_backend_matches_reference_through_prefill_and_decode(pair):
+def test_triton_backend_matches_reference_through_prefill_and_decode(pair, monkeypatch):
     torch_model, triton_model = pair
+    import kernels.recurrent
+    decode_batches = []  # sizes of the batches the single-token kernel ran
+    decode = kernels.recurrent.fused_recurrent_decode
+    monkeypatch.setattr(kernels.recurrent, "fused_recurrent_decode",
+                        lambda q, *a, **k: decode_batches.append(q.shape[0]) or decode(q, *a, **k))
     assert triton_model.layers[0].mixer.backend == "triton"
     gen = torch.Generator().manual_seed(0)
     lens = [5, 70, 1]
@@ -39,12 +44,16 @@ def test_triton_backend_matches_reference_through_prefill_and_decode(pair):
     for model, pool in zip(pair, pools):
         outs = [model.logits(model(prompts, Batch.build(lens, slots, [0, 0, 0], model.device), pool))]
         starts = list(lens)
-        for step in range(3):  # decode steps, then one mixed step with a chunk of 4
-            sizes = [1, 1, 1] if step < 2 else [4, 1, 2]
+        # decode steps, then mixed steps: a chunk of 4 first, then decodes first (those run through
+        # the single-token kernels, the chunk through the chunkwise ones)
+        for sizes in ([1, 1, 1], [1, 1, 1], [4, 1, 2], [1, 1, 3]):
+            step = len(outs)
             ids = torch.randint(0, 256, (sum(sizes),), generator=torch.Generator().manual_seed(step))
             outs.append(model.logits(model(ids, Batch.build(sizes, slots, starts, model.device), pool)))
             starts = [s + n for s, n in zip(starts, sizes)]
         results.append(outs)
+    # per layer: 3 in each decode step; in the last mixed step the 2 leading decodes
+    assert decode_batches == [3] * 2 * SMALL["num_hidden_layers"] + [2] * SMALL["num_hidden_layers"]
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
     for layer in range(SMALL["num_hidden_layers"]):

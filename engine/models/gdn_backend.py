@@ -5,6 +5,10 @@ the pool in place by slot index (the GPU path; it also runs on CPU under TRITON_
 is how CI checks it), and "torch" uses kernels/reference.py, gathering the batch's slots, computing
 and scattering the new states back (the CPU path). Both compute the delta rule in fp32 whatever the
 pool's dtype (fp32 or bf16) and round only the states they store back.
+
+On "triton", a mixed step (decodes and prompt chunks) runs its decodes through the single-token
+kernels and only the chunks through the chunkwise ones: in the chunk kernels every one-token
+sequence would cost a whole 64-token chunk's work and its own launch programs.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, batch: Batch, conv_pool: t
         from kernels import conv
         if decode_only:
             return conv.causal_conv1d_step(x, weight, None, conv_pool, slots)
-        return conv.causal_conv1d_prefill(x, weight, None, batch.cu_seqlens, conv_pool, slots,
-                                          _has_past(batch))
+        d, rest = batch.num_single, batch.after_single
+        chunks = conv.causal_conv1d_prefill(x[d:], weight, None, rest.cu_seqlens, conv_pool, rest.slot_ids,
+                                            rest.has_past)
+        if d == 0:
+            return chunks
+        return torch.cat([conv.causal_conv1d_step(x[:d], weight, None, conv_pool, slots[:d]), chunks])
     y, new_taps = reference.causal_conv1d(x, weight, cu_seqlens=batch.cu_seqlens, initial_state=conv_pool[slots])
     conv_pool[slots] = new_taps
     return y
@@ -39,23 +47,30 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tenso
     returns o [T, HV, V]; the batch's states in state_pool advance."""
     slots = batch.slot_ids
     # The fused decode kernel computes beta = sigmoid(b) itself; it has no (0, 2) variant.
-    if backend == "triton" and decode_only and not allow_neg_eigval:
+    single_token = backend == "triton" and not allow_neg_eigval
+    if single_token and decode_only:
         from kernels.recurrent import fused_recurrent_decode
         return fused_recurrent_decode(q, k, v, a, b, A_log, dt_bias, state_pool, slots)
+    if backend == "triton" and not decode_only:
+        from kernels.chunk import chunk_gated_delta_rule_prefill
+        d = batch.num_single if single_token else 0
+        rest = batch.after_single if d else batch
+        g, beta = reference.gdn_gates(a[d:], b[d:], A_log, dt_bias)
+        if allow_neg_eigval:
+            beta = beta * 2.0
+        chunks = chunk_gated_delta_rule_prefill(q[d:].contiguous(), k[d:].contiguous(), v[d:].contiguous(), g,
+                                                beta, rest.cu_seqlens, state_pool, rest.slot_ids, rest.has_past)
+        if d == 0:
+            return chunks
+        from kernels.recurrent import fused_recurrent_decode
+        singles = fused_recurrent_decode(q[:d], k[:d], v[:d], a[:d], b[:d], A_log, dt_bias, state_pool, slots[:d])
+        return torch.cat([singles, chunks])
     g, beta = reference.gdn_gates(a, b, A_log, dt_bias)
     if allow_neg_eigval:
         beta = beta * 2.0
-    if backend == "triton" and not decode_only:
-        from kernels.chunk import chunk_gated_delta_rule_prefill
-        return chunk_gated_delta_rule_prefill(q.contiguous(), k.contiguous(), v.contiguous(), g, beta,
-                                              batch.cu_seqlens, state_pool, slots, _has_past(batch))
     # One token per sequence needs no chunking: the plain recurrence is the cheaper exact form.
     rule = reference.recurrent_gated_delta_rule if decode_only else reference.chunk_gated_delta_rule
     o, final = rule(q, k, v, g, beta, initial_state=state_pool[slots].float(), cu_seqlens=batch.cu_seqlens)
     state_pool[slots] = final.to(state_pool.dtype)
     return o
 
-
-def _has_past(batch: Batch) -> torch.Tensor:
-    """Sequences starting at position 0 begin from zero state, whatever their slot holds."""
-    return torch.tensor([start > 0 for start in batch.starts], device=batch.slot_ids.device)

@@ -53,6 +53,27 @@ class Batch:
         return len(self.lens) == int(self.positions.shape[0])
 
     @cached_property
+    def has_past(self) -> torch.Tensor:
+        """bool [N] on the device: the sequence continues a state (it does not start at position 0)."""
+        return torch.tensor([start > 0 for start in self.starts], device=self.slot_ids.device)
+
+    @cached_property
+    def num_single(self) -> int:
+        """How many sequences at the front have one new token: a mixed step's decodes (the engine packs
+        them first). Their slots were cleared at admission, so a one-token prompt among them reads zeros."""
+        return next((i for i, n in enumerate(self.lens) if n != 1), len(self.lens))
+
+    @cached_property
+    def after_single(self) -> "Batch":
+        """The sequences after the leading one-token ones, as a batch of their own (tokens from 0)."""
+        d = self.num_single
+        if d == 0:
+            return self
+        cu = self.cu_seqlens[d:] - d
+        return Batch(self.lens[d:], self.starts[d:], cu, self.slot_ids[d:], self.positions[d:], self.token_slots[d:],
+                     self.attn_len)
+
+    @cached_property
     def attention_groups(self) -> list[QueryGroup]:
         """The batch's sequences as attention groups (models/attention.py), built once per forward."""
         return query_groups(self.lens, self.starts, self.slot_ids)
