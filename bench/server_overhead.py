@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # before bench/, whose engine.py would hide the engine package
-from engine.engine import EngineConfig, RequestLimits  # noqa: E402
+from engine.engine import EngineConfig, RequestLimits, StepCounters  # noqa: E402
 from engine.engine_process import ModelSpec  # noqa: E402
 from engine.request import CompletionOutput, RequestOutput  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
@@ -42,6 +42,7 @@ class PacedEngine:
         self.requests: dict[str, tuple[SamplingParams, int, list[int]]] = {}  # id -> params, prompt length, tokens
         self.period = 1.0 / steps_per_s
         self._next_step = time.monotonic()
+        self.counters = StepCounters()  # engine_stats reads it; the stand-in leaves it at zero
 
     # engine_stats reads these
     @property
