@@ -18,6 +18,7 @@ from engine.sampling import (BatchSample, SamplingParams, TokenLogprob, prompt_l
                              sample_on_device)
 from engine.scheduler import PrefillChunk, Scheduler
 from engine.slots import SlotPool, resolve_state_dtype
+from engine.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +135,21 @@ class LLMEngine:
         self.pool = self.model.new_pool(num_slots, self.max_model_len, resolve_state_dtype(config.state_dtype))
         self.scheduler = Scheduler(self.pool, min(config.max_num_seqs, num_slots), config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        if self.model.device.type == "cuda":
+            self._warm_up()
         self.decode_step = self._make_decode_step()
         overlap = config.overlap_decode if config.overlap_decode is not None else self.decode_step is not None
         self.overlap_decode = overlap and self.decode_step is not None
         self._in_flight: InFlightDecode | None = None
         self.counters = StepCounters()
         log.info("engine: %s", self.pool.describe())
+
+    def _warm_up(self) -> None:
+        try:
+            warm_up(self.model, self.pool, self.scheduler.max_num_seqs)
+        except Exception as err:  # only a start-up saving: serve without it (kernels then build on first use)
+            log.warning("kernel warm-up failed, continuing without it: %s", err)
+            self.pool.clear_scratch()
 
     def _make_decode_step(self) -> DecodeStep | None:
         on_cuda = self.model.device.type == "cuda"

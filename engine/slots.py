@@ -112,6 +112,10 @@ class SlotPool:
         return (f"{self.capacity} slots, {self.bytes_per_slot() / 2**20:.1f} MiB of state each "
                 f"(recurrent state {self.recurrent_bytes_per_slot() / 2**20:.1f} MiB in {dtype})")
 
+    def clear_scratch(self) -> None:
+        """Zero the scratch row's states (after start-up forwards ran on it: engine/warmup.py)."""
+        self._clear(self.scratch)
+
     def _clear(self, slot: int) -> None:
         for conv, rec in zip(self.conv, self.recurrent):
             if conv is not None:

@@ -1,0 +1,70 @@
+"""Build, at start-up, every Triton kernel variant a mixed step can need, instead of mid-serving.
+
+Some launch shapes depend on how many sequences a step holds (kernels/chunk.py pick_config: the
+state pass's V blocks; kernels/recurrent.py decode_launch_config: V blocks and warps), and Triton
+builds a kernel the first time it meets a new shape: about a second each on an H200, seen mid-run
+behind the HTTP server, where requests arriving one by one make steps of every size. Decode-only
+steps are covered already (engine/cuda_graphs.py captures every batch size at start-up); this runs
+the eager forward once per distinct shape of the other steps: prompt chunks alone, and one-token
+sequences (decodes) mixed with a chunk. Every sequence of those forwards is on the pool's scratch
+slot, which is cleared afterwards: no request's state is read or written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.models.hybrid import HybridLM
+from engine.models.state import Batch
+from engine.slots import SlotPool
+
+log = logging.getLogger(__name__)
+
+
+def first_of_each(shape_of, max_n: int) -> list[int]:
+    """The smallest n in 1..max_n for each distinct shape_of(n)."""
+    seen, firsts = set(), []
+    for n in range(1, max_n + 1):
+        shape = shape_of(n)
+        if shape not in seen:
+            seen.add(shape)
+            firsts.append(n)
+    return firsts
+
+
+def mixed_step_batches(model: HybridLM, pool: SlotPool, max_seqs: int) -> list[list[int]]:
+    """Sequence lengths of the forwards that meet every launch shape: n two-token chunks for each
+    distinct chunk-kernel shape, and d one-token sequences before one chunk for each distinct
+    single-token kernel shape (the triton backend runs those through the decode kernels)."""
+    gdn = model.config.gdn
+    if model.backend != "triton" or gdn is None or not any(r is not None for r in pool.recurrent):
+        return []
+    from kernels.chunk import pick_config
+    from kernels.recurrent import decode_launch_config
+
+    HV, K, V = gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim
+    state_bytes = torch.empty((), dtype=pool.state_dtype).element_size()
+    chunks = first_of_each(lambda n: pick_config(n, HV, K, V), max_seqs)
+    singles = first_of_each(lambda d: decode_launch_config(d, HV, K, V, model.device, state_bytes), max_seqs)
+    return [[2] * n for n in chunks] + [[1] * d + [2] for d in singles]
+
+
+@torch.inference_mode()
+def warm_up(model: HybridLM, pool: SlotPool, max_seqs: int) -> int:
+    """Run the forwards of mixed_step_batches on the scratch slot; returns how many ran."""
+    batches = mixed_step_batches(model, pool, max_seqs)
+    if not batches:
+        return 0
+    start = time.perf_counter()
+    for lens in batches:
+        # positions 1.. (a state to continue), so the kernels' continuing branches run too
+        batch = Batch.build(lens, [pool.scratch] * len(lens), [1] * len(lens), model.device)
+        model(torch.zeros(sum(lens), dtype=torch.long, device=model.device), batch, pool)
+    pool.clear_scratch()
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    log.info("built the kernels of %d mixed-step shapes in %.1f s", len(batches), time.perf_counter() - start)
+    return len(batches)

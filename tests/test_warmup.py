@@ -1,0 +1,61 @@
+"""Start-up forwards that build every kernel shape a mixed step can meet (engine/warmup.py): they
+cover each distinct launch shape once, and touch no slot but the scratch row, which ends cleared."""
+
+import pytest
+import torch
+
+from engine.demo import write_gated_deltanet
+from engine.loader import load_model
+from engine.models.state import Batch
+from engine.warmup import first_of_each, mixed_step_batches, warm_up
+from kernels.chunk import pick_config
+from kernels.recurrent import decode_launch_config
+
+SMALL = {"model_type": "gated_deltanet", "vocab_size": 260, "hidden_size": 32, "num_hidden_layers": 2,
+         "num_heads": 2, "num_v_heads": 4, "head_dim": 16, "expand_v": 4.0, "hidden_ratio": 2,
+         "tie_word_embeddings": True, "attn": {"layers": [1], "num_heads": 2, "window_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = write_gated_deltanet(tmp_path_factory.mktemp("warm"), SMALL, seed=4)
+    return {backend: load_model(folder, device="cpu", backend=backend).model for backend in ("torch", "triton")}
+
+
+def test_first_of_each_finds_where_every_shape_starts():
+    assert first_of_each(lambda n: min(n // 3, 2), 10) == [1, 3, 6]
+    assert first_of_each(lambda n: 0, 5) == [1]
+
+
+def test_batches_cover_every_launch_shape_up_to_the_batch_limit(models):
+    model = models["triton"]
+    pool = model.new_pool(4)
+    gdn = model.config.gdn
+    HV, K, V = gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim
+    batches = mixed_step_batches(model, pool, 300)
+    chunk_ns = [len(lens) for lens in batches if lens[0] == 2]
+    single_ns = [len(lens) - 1 for lens in batches if lens[0] == 1]
+    # this shape's state pass changes V blocks at 9 and 66 sequences
+    assert [pick_config(n, HV, K, V).state_bv for n in chunk_ns] == [16, 32, 64]
+    assert {pick_config(n, HV, K, V) for n in chunk_ns} == {pick_config(n, HV, K, V) for n in range(1, 301)}
+    every = {decode_launch_config(n, HV, K, V, model.device, 4) for n in range(1, 301)}
+    assert len(single_ns) == len(every) > 1
+    assert {decode_launch_config(n, HV, K, V, model.device, 4) for n in single_ns} == every
+    assert all(lens[-1] == 2 for lens in batches)  # never decode-only: those are the graphs' business
+    assert mixed_step_batches(models["torch"], models["torch"].new_pool(4), 300) == []  # nothing to build
+
+
+def test_warm_up_touches_no_request_slot_and_clears_the_scratch_row(models):
+    model = models["triton"]
+    pool = model.new_pool(3)
+    slot = pool.allocate()
+    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(0))
+    model(prompt, Batch.build([9], [slot], [0], model.device), pool)  # a request's state in its slot
+    before = [t.clone() for t in pool.recurrent + pool.conv + pool.keys + pool.values if t is not None]
+    assert warm_up(model, pool, 3) == len(mixed_step_batches(model, pool, 3)) > 0
+    after = [t for t in pool.recurrent + pool.conv + pool.keys + pool.values if t is not None]
+    for old, new in zip(before, after):
+        assert torch.equal(old[:pool.scratch], new[:pool.scratch])  # every real slot, bit for bit
+    for state in pool.recurrent + pool.conv:
+        if state is not None:
+            assert not state[pool.scratch].any()
