@@ -2,8 +2,9 @@
 
 Some launch shapes depend on how many sequences a step holds (kernels/chunk.py pick_config: the
 state pass's V blocks; kernels/recurrent.py decode_launch_config: V blocks and warps), and Triton
-builds a kernel the first time it meets a new shape: about a second each on an H200, seen mid-run
-behind the HTTP server, where requests arriving one by one make steps of every size. Decode-only
+builds a kernel the first time it meets a new shape, in the middle of a step: a py-spy trace of the
+engine process behind the HTTP server on an H200 spent a fifth of its samples building kernels.
+Requests arriving one by one make steps of every size. Decode-only
 steps are covered already (engine/cuda_graphs.py captures every batch size at start-up); this runs
 the eager forward once per distinct shape of the other steps: prompt chunks alone, and one-token
 sequences (decodes) mixed with a chunk. Every sequence of those forwards is on the pool's scratch
@@ -49,6 +50,10 @@ def mixed_step_batches(model: HybridLM, pool: SlotPool, max_seqs: int) -> list[l
     state_bytes = torch.empty((), dtype=pool.state_dtype).element_size()
     chunks = first_of_each(lambda n: pick_config(n, HV, K, V), max_seqs)
     singles = first_of_each(lambda d: decode_launch_config(d, HV, K, V, model.device, state_bytes), max_seqs)
+    # The chunks after d singles start d rows into the projection: where a row is not a multiple of
+    # 16 bytes, odd and even d give differently aligned pointers, which Triton builds apart.
+    if max_seqs >= 2 and 2 not in singles:
+        singles.append(2)
     return [[2] * n for n in chunks] + [[1] * d + [2] for d in singles]
 
 

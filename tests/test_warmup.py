@@ -39,8 +39,9 @@ def test_batches_cover_every_launch_shape_up_to_the_batch_limit(models):
     assert [pick_config(n, HV, K, V).state_bv for n in chunk_ns] == [16, 32, 64]
     assert {pick_config(n, HV, K, V) for n in chunk_ns} == {pick_config(n, HV, K, V) for n in range(1, 301)}
     every = {decode_launch_config(n, HV, K, V, model.device, 4) for n in range(1, 301)}
-    assert len(single_ns) == len(every) > 1
     assert {decode_launch_config(n, HV, K, V, model.device, 4) for n in single_ns} == every
+    assert len(every) > 1 and len(single_ns) in (len(every), len(every) + 1)
+    assert {1, 2} <= set(single_ns)  # chunks after an odd and an even number of singles: both alignments
     assert all(lens[-1] == 2 for lens in batches)  # never decode-only: those are the graphs' business
     assert mixed_step_batches(models["torch"], models["torch"].new_pool(4), 300) == []  # nothing to build
 
