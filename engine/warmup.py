@@ -63,6 +63,8 @@ def warm_up(model: HybridLM, pool: SlotPool, max_seqs: int) -> int:
     batches = mixed_step_batches(model, pool, max_seqs)
     if not batches:
         return 0
+    log.info("building the kernels of %d mixed-step shapes (once per start; Triton caches them on disk)",
+             len(batches))
     start = time.perf_counter()
     for lens in batches:
         # positions 1.. (a state to continue), so the kernels' continuing branches run too
@@ -71,5 +73,5 @@ def warm_up(model: HybridLM, pool: SlotPool, max_seqs: int) -> int:
     pool.clear_scratch()
     if model.device.type == "cuda":
         torch.cuda.synchronize()
-    log.info("built the kernels of %d mixed-step shapes in %.1f s", len(batches), time.perf_counter() - start)
+    log.info("built them in %.1f s", time.perf_counter() - start)
     return len(batches)
