@@ -14,8 +14,8 @@ from engine.cuda_graphs import DecodeStep
 from engine.loader import LoadedModel
 from engine.models.state import Batch
 from engine.request import CompletionOutput, Request, RequestOutput, Sequence
-from engine.sampling import (BatchSample, SamplingParams, TokenLogprob, prompt_logprobs, sample_batch,
-                             sample_on_device)
+from engine.in_flight import InFlightDecode
+from engine.sampling import BatchSample, SamplingParams, TokenLogprob, prompt_logprobs, sample_batch
 from engine.scheduler import PrefillChunk, Scheduler
 from engine.slots import SlotPool, resolve_state_dtype
 from engine.warmup import warm_up
@@ -96,32 +96,6 @@ class StepCounters:
     steps: int = 0  # step() calls
     step_seconds: float = 0.0  # wall time inside those calls
     overlapped_steps: int = 0  # decode steps launched on the device's tokens (EngineConfig.overlap_decode)
-
-
-@dataclass
-class InFlightDecode:
-    """A decode step launched on the device whose tokens the host has not read yet."""
-
-    seqs: list[Sequence]  # row i of tokens is seqs[i]'s next token
-    tokens: torch.Tensor  # [B] int64 on the device
-    host: torch.Tensor  # [B] int64, filled from tokens asynchronously (pinned on CUDA)
-    ready: torch.cuda.Event | None  # recorded after the copy to host (None on CPU)
-
-    @classmethod
-    def launch(cls, seqs: list[Sequence], logits: torch.Tensor) -> InFlightDecode:
-        tokens = sample_on_device(logits, [seq.sampler for seq in seqs])
-        if tokens.device.type != "cuda":
-            return cls(seqs, tokens, tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return cls(seqs, tokens, host, ready)
-
-    def token_ids(self) -> list[int]:
-        if self.ready is not None:
-            self.ready.synchronize()  # this step only: the one launched after it keeps running
-        return self.host.tolist()
 
 
 class LLMEngine:

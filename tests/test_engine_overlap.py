@@ -3,9 +3,9 @@ overlap_decode): the next step is launched on the device's tokens before the hos
 a sequence that the in-flight token ends gets one extra token computed, which must never show."""
 
 import pytest
-from engine import engine as engine_module
 from engine.default_model import shipped_model_dir
 from engine.engine import EngineConfig, LLMEngine
+from engine.in_flight import InFlightDecode
 from engine.loader import load_model
 from engine.sampling import SamplingParams
 
@@ -51,13 +51,13 @@ def _drive(engine, arrivals, aborts=None):
 
 def _count_launches(monkeypatch):
     launches = []
-    launch = engine_module.InFlightDecode.launch.__func__
+    launch = InFlightDecode.launch.__func__
 
     def counted(cls, seqs, logits):
         launches.append(len(seqs))
         return launch(cls, seqs, logits)
 
-    monkeypatch.setattr(engine_module.InFlightDecode, "launch", classmethod(counted))
+    monkeypatch.setattr(InFlightDecode, "launch", classmethod(counted))
     return launches
 
 
