@@ -66,9 +66,11 @@ def warm_up(model: HybridLM, pool: SlotPool, max_seqs: int) -> int:
     log.info("building the kernels of %d mixed-step shapes (once per start; Triton caches them on disk)",
              len(batches))
     start = time.perf_counter()
+    # From position 1 (a state to continue, so the kernels' continuing branches run too), where the
+    # attention buffers hold position 2: two-token chunks write keys at start and start + 1.
+    start_at = 1 if pool.max_len is None or pool.max_len >= 3 else 0
     for lens in batches:
-        # positions 1.. (a state to continue), so the kernels' continuing branches run too
-        batch = Batch.build(lens, [pool.scratch] * len(lens), [1] * len(lens), model.device)
+        batch = Batch.build(lens, [pool.scratch] * len(lens), [start_at] * len(lens), model.device)
         model(torch.zeros(sum(lens), dtype=torch.long, device=model.device), batch, pool)
     pool.clear_scratch()
     if model.device.type == "cuda":

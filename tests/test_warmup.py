@@ -46,12 +46,14 @@ def test_batches_cover_every_launch_shape_up_to_the_batch_limit(models):
     assert mixed_step_batches(models["torch"], models["torch"].new_pool(4), 300) == []  # nothing to build
 
 
-def test_warm_up_touches_no_request_slot_and_clears_the_scratch_row(models):
+@pytest.mark.parametrize("max_len", [64, 2])  # 2: the shortest context the CLI allows
+def test_warm_up_touches_no_request_slot_and_clears_the_scratch_row(models, max_len):
     model = models["triton"]
-    pool = model.new_pool(3)
+    pool = model.new_pool(3, max_len)
     slot = pool.allocate()
-    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(0))
-    model(prompt, Batch.build([9], [slot], [0], model.device), pool)  # a request's state in its slot
+    length = min(9, max_len)
+    prompt = torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(0))
+    model(prompt, Batch.build([length], [slot], [0], model.device), pool)  # a request's state in its slot
     before = [t.clone() for t in pool.recurrent + pool.conv + pool.keys + pool.values if t is not None]
     assert warm_up(model, pool, 3) == len(mixed_step_batches(model, pool, 3)) > 0
     after = [t for t in pool.recurrent + pool.conv + pool.keys + pool.values if t is not None]
