@@ -14,14 +14,15 @@ def _mm(a, b, acc, F32: tl.constexpr):
 
 
 @triton.jit
-def _chunk_bounds(c, cu_seqlens, chunk_start, chunk_seq, N):
-    """(valid, first token of chunk c, end of its sequence), all int64."""
+def _chunk_rows(c, cu_seqlens, chunk_start, chunk_seq, N):
+    """(valid, tok, m) for chunk c: whether it belongs to a sequence, its 64 token indices [64]
+    int64, and which of them are inside the sequence."""
     n = tl.load(chunk_seq + c).to(tl.int64)
     valid = n < N
     n = tl.minimum(n, N - 1)
     eos = tl.load(cu_seqlens + n + 1)
-    t0 = tl.load(cu_seqlens + n) + (c - tl.load(chunk_start + n)) * 64
-    return valid, t0, eos
+    tok = tl.load(cu_seqlens + n) + (c - tl.load(chunk_start + n)) * 64 + tl.arange(0, 64)
+    return valid, tok, tok < eos
 
 
 @triton.jit

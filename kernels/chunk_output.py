@@ -15,7 +15,7 @@ in the TTGIR: q in a 1 x 64 x 64 buffer at 2 stages, k and h in 2; wgmma wait wi
 import triton
 import triton.language as tl
 
-from kernels.chunk_common import _chunk_bounds, _decay_mask, _mm
+from kernels.chunk_common import _chunk_rows, _decay_mask, _mm
 
 
 @triton.jit(do_not_specialize=["N"])  # see kernels/chunk_wy.py
@@ -30,13 +30,11 @@ def _output_kernel(
     c = pid // NV
     i_v = pid % NV
     hv = tl.program_id(1).to(tl.int64)
-    valid, t0, eos = _chunk_bounds(c, cu_seqlens, chunk_start, chunk_seq, N)
+    valid, tok, m = _chunk_rows(c, cu_seqlens, chunk_start, chunk_seq, N)
     if valid:
         hk = hv // (HV // H)
         dt = v_new.dtype.element_ty
         r = tl.arange(0, 64)
-        tok = t0 + r
-        m = tok < eos
         cv = i_v * BV + tl.arange(0, BV)
         p_q = q + (tok * (H * K) + hk * K)[:, None]
         p_k = k + (tok * (H * K) + hk * K)[:, None]

@@ -21,7 +21,7 @@ and barriers order the program's writes and reads.
 import triton
 import triton.language as tl
 
-from kernels.chunk_common import _chunk_bounds, _decay_mask, _mm
+from kernels.chunk_common import _chunk_rows, _decay_mask, _mm
 
 
 @triton.jit
@@ -156,13 +156,11 @@ def _wy_kernel(
 ):
     c = tl.program_id(0).to(tl.int64)
     hv = tl.program_id(1).to(tl.int64)
-    valid, t0, eos = _chunk_bounds(c, cu_seqlens, chunk_start, chunk_seq, N)
+    valid, tok, m = _chunk_rows(c, cu_seqlens, chunk_start, chunk_seq, N)
     if valid:
         hk = hv // (HV // H)
         dt = w.dtype.element_ty
         r = tl.arange(0, 64)
-        tok = t0 + r  # [64] int64
-        m = tok < eos
         b_g = tl.load(g + tok * HV + hv, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
         b_G = tl.cumsum(b_g, axis=0)
         tl.store(G + tok * HV + hv, b_G, mask=m)
