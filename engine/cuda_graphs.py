@@ -104,15 +104,16 @@ class DecodeStep:
         length = next((k for k in self.lengths if k is not None and k >= longest), self.lengths[-1])
         pad = size - n
         device = self.ids.device
+        ids_on_device = isinstance(ids, torch.Tensor)
         rows = [slots + [self.pool.scratch] * pad, positions + [0] * pad]
-        if isinstance(ids, torch.Tensor):
-            self.ids[:n].copy_(ids)  # padding rows keep stale ids: valid tokens whose results are dropped
-        else:
+        if not ids_on_device:
             rows.append(ids + [0] * pad)
-        packed = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        packed = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)  # one host-to-device copy
         self.slots[:size].copy_(packed[0])
         self.positions[:size].copy_(packed[1])
-        if len(rows) == 3:
+        if ids_on_device:
+            self.ids[:n].copy_(ids)  # padding rows keep stale ids: valid tokens whose results are dropped
+        else:
             self.ids[:size].copy_(packed[2])
         if (size, length) in self.graphs:
             self.graphs[(size, length)].replay()
