@@ -47,7 +47,7 @@ def mixed_step_batches(model: HybridLM, pool: SlotPool, max_seqs: int) -> list[l
     from kernels.recurrent import decode_launch_config
 
     HV, K, V = gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim
-    state_bytes = torch.empty((), dtype=pool.state_dtype).element_size()
+    state_bytes = pool.state_dtype.itemsize
     chunks = first_of_each(lambda n: pick_config(n, HV, K, V), max_seqs)
     singles = first_of_each(lambda d: decode_launch_config(d, HV, K, V, model.device, state_bytes), max_seqs)
     # The chunks after d singles start d rows into the projection: where a row is not a multiple of
