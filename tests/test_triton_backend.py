@@ -29,6 +29,10 @@ def test_triton_backend_matches_reference_through_prefill_and_decode(pair, monke
     decode = kernels.recurrent.fused_recurrent_decode
     monkeypatch.setattr(kernels.recurrent, "fused_recurrent_decode",
                         lambda q, *a, **k: decode_batches.append(q.shape[0]) or decode(q, *a, **k))
+    import kernels.chunk
+    plans = []  # one chunk table per forward with prompt chunks, shared by its layers
+    plan_chunks = kernels.chunk.plan_chunks
+    monkeypatch.setattr(kernels.chunk, "plan_chunks", lambda *a: plans.append(1) or plan_chunks(*a))
     assert triton_model.layers[0].mixer.backend == "triton"
     gen = torch.Generator().manual_seed(0)
     lens = [5, 70, 1]
@@ -54,6 +58,7 @@ def test_triton_backend_matches_reference_through_prefill_and_decode(pair, monke
         results.append(outs)
     # per layer: 3 in each decode step; in the last mixed step the 2 leading decodes
     assert decode_batches == [3] * 2 * SMALL["num_hidden_layers"] + [2] * SMALL["num_hidden_layers"]
+    assert len(plans) == 3  # the prompts, and the two mixed steps
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
     for layer in range(SMALL["num_hidden_layers"]):

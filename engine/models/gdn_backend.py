@@ -59,7 +59,8 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tenso
         if allow_neg_eigval:
             beta = beta * 2.0
         chunks = chunk_gated_delta_rule_prefill(q[d:].contiguous(), k[d:].contiguous(), v[d:].contiguous(), g,
-                                                beta, rest.cu_seqlens, state_pool, rest.slot_ids, rest.has_past)
+                                                beta, rest.cu_seqlens, state_pool, rest.slot_ids, rest.has_past,
+                                                plan=rest.chunk_plan)
         if d == 0:
             return chunks
         from kernels.recurrent import fused_recurrent_decode

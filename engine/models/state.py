@@ -58,6 +58,13 @@ class Batch:
         return torch.tensor([start > 0 for start in self.starts], device=self.slot_ids.device)
 
     @cached_property
+    def chunk_plan(self):
+        """Where the batch's 64-token chunks are (kernels/chunk.py plan_chunks), built once per forward
+        for all its Gated DeltaNet layers on the triton backend."""
+        from kernels.chunk import plan_chunks
+        return plan_chunks(self.cu_seqlens, int(self.positions.shape[0]))
+
+    @cached_property
     def num_single(self) -> int:
         """How many sequences at the front have one new token: a mixed step's decodes (the engine packs
         them first). Their slots were cleared at admission, so a one-token prompt among them reads zeros."""
