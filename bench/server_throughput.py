@@ -53,9 +53,11 @@ def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, 256, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-_COUNTERS = ("steps", "step_seconds", "overlapped_steps")
+_COUNTERS = ("steps", "step_seconds", "overlapped_steps", "kernel_builds", "kernel_build_seconds")
 _METRIC_OF = {"steps": "deltaserve:engine_steps_total", "step_seconds": "deltaserve:engine_step_seconds_total",
-              "overlapped_steps": "deltaserve:engine_overlapped_decode_steps_total"}
+              "overlapped_steps": "deltaserve:engine_overlapped_decode_steps_total",
+              "kernel_builds": "deltaserve:engine_kernel_builds_total",
+              "kernel_build_seconds": "deltaserve:engine_kernel_build_seconds_total"}
 
 
 def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> tuple[float, dict]:
@@ -238,7 +240,8 @@ def main() -> None:
             # Same work both ways: more steps, or longer ones, behind the server say where the time went.
             print(f"        engine {where:6s}: {n['steps']:6.0f} steps, {n['step_seconds']:6.3f} s in steps "
                   f"({1e3 * n['step_seconds'] / max(n['steps'], 1):.3f} ms each), "
-                  f"{n['overlapped_steps']:.0f} overlapped", flush=True)
+                  f"{n['overlapped_steps']:.0f} overlapped, {n['kernel_builds']:.0f} kernels built in steps "
+                  f"({n['kernel_build_seconds']:.2f} s)", flush=True)
     card = torch.cuda.get_device_name() if loaded.model.device.type == "cuda" else "cpu"
     result = {"card": card, "torch": torch.__version__, "config": config, "engine_process": args.engine_process,
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "rows": rows}

@@ -52,13 +52,16 @@ class EngineStats:
     steps: int = 0  # engine steps since start-up (engine.engine.StepCounters)
     step_seconds: float = 0.0
     overlapped_steps: int = 0
+    kernel_builds: int = 0
+    kernel_build_seconds: float = 0.0
 
 
 def engine_stats(engine: LLMEngine) -> EngineStats:
     sched, pool, counters = engine.scheduler, engine.pool, engine.counters
     return EngineStats(len(sched.running), len(sched.waiting), pool.capacity - pool.num_free, pool.capacity,
                        steps=counters.steps, step_seconds=counters.step_seconds,
-                       overlapped_steps=counters.overlapped_steps)
+                       overlapped_steps=counters.overlapped_steps, kernel_builds=counters.kernel_builds,
+                       kernel_build_seconds=counters.kernel_build_seconds)
 
 
 # ---- the step loop, in a thread or in the engine process ---------------------------------------------

@@ -15,6 +15,7 @@ from engine.loader import LoadedModel
 from engine.models.state import Batch
 from engine.request import CompletionOutput, Request, RequestOutput, Sequence
 from engine.in_flight import InFlightDecode
+from engine.kernel_builds import kernel_builds
 from engine.sampling import BatchSample, SamplingParams, TokenLogprob, prompt_logprobs, sample_batch
 from engine.scheduler import PrefillChunk, Scheduler
 from engine.slots import SlotPool, resolve_state_dtype
@@ -96,6 +97,8 @@ class StepCounters:
     steps: int = 0  # step() calls
     step_seconds: float = 0.0  # wall time inside those calls
     overlapped_steps: int = 0  # decode steps launched on the device's tokens (EngineConfig.overlap_decode)
+    kernel_builds: int = 0  # Triton kernels built inside steps: launch shapes start-up did not meet
+    kernel_build_seconds: float = 0.0
 
 
 class LLMEngine:
@@ -109,6 +112,7 @@ class LLMEngine:
         self.pool = self.model.new_pool(num_slots, self.max_model_len, resolve_state_dtype(config.state_dtype))
         self.scheduler = Scheduler(self.pool, min(config.max_num_seqs, num_slots), config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        self._builds = kernel_builds()
         if self.model.device.type == "cuda":
             self._warm_up()
         self.decode_step = self._make_decode_step()
@@ -174,11 +178,21 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        builds = self._builds
+        built_before, build_seconds_before = builds.count, builds.seconds
         start = time.perf_counter()
         outputs = self._step()
         counters = self.counters
         counters.steps += 1
         counters.step_seconds += time.perf_counter() - start
+        if builds.count != built_before:
+            built, seconds = builds.count - built_before, builds.seconds - build_seconds_before
+            counters.kernel_builds += built
+            counters.kernel_build_seconds += seconds
+            log.warning("a step built %d Triton kernel(s) in %.2f s (%s): a launch shape that start-up "
+                        "(engine/warmup.py) did not meet", built, seconds,
+                        ", ".join(sorted(set(builds.names[built_before:]))))
+            log.debug("built: %s", "; ".join(builds.details[built_before:]))
         return outputs
 
     @torch.inference_mode()

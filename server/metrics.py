@@ -57,6 +57,10 @@ class Metrics:
                                            "over engine_steps, the mean step time.")
         self.overlapped_steps = counter("engine_overlapped_decode_steps", "Decode steps launched on the previous "
                                         "step's tokens on the device while the host finished that step.")
+        self.kernel_builds = counter("engine_kernel_builds", "Triton kernels built inside engine steps (each stalls "
+                                     "its step): launch shapes the start-up warm-up did not meet.")
+        self.kernel_build_seconds = counter("engine_kernel_build_seconds", "Time engine steps spent building "
+                                            "Triton kernels.")
         self._engine_seen = EngineStats(0, 0, 0, 0)  # the counters' values at the last scrape
 
 
@@ -71,6 +75,9 @@ class Metrics:
         self.engine_steps.labels(self._model).inc(max(stats.steps - seen.steps, 0))
         self.engine_step_seconds.labels(self._model).inc(max(stats.step_seconds - seen.step_seconds, 0.0))
         self.overlapped_steps.labels(self._model).inc(max(stats.overlapped_steps - seen.overlapped_steps, 0))
+        self.kernel_builds.labels(self._model).inc(max(stats.kernel_builds - seen.kernel_builds, 0))
+        self.kernel_build_seconds.labels(self._model).inc(
+            max(stats.kernel_build_seconds - seen.kernel_build_seconds, 0.0))
         self._engine_seen = stats
         return generate_latest(self.registry)
 

@@ -170,3 +170,4 @@ def test_metrics_count_tokens_and_finished_requests(server, client):
     assert values["deltaserve:engine_steps_total"] >= 3
     assert values["deltaserve:engine_step_seconds_total"] > 0
     assert "deltaserve:engine_overlapped_decode_steps_total" in values
+    assert values["deltaserve:engine_kernel_builds_total"] == 0  # on CPU Triton interprets: builds nothing
