@@ -1,5 +1,7 @@
 """Many sequences in one forward call, each in its own slot, compute what each computes alone."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -83,3 +85,22 @@ def test_pool_hands_each_slot_to_one_owner(model):
     with pytest.raises(AssertionError):
         pool.release(slots[2])
     assert pool.allocate() == slots[2]
+
+
+@pytest.mark.parametrize("num_single", [0, 1, 2, 3])
+@pytest.mark.parametrize("num_chunks", [1, 2, 5])
+def test_batch_index_tensors_start_16_byte_aligned_whatever_the_sizes(num_single, num_chunks):
+    # Triton builds one kernel variant per pointer alignment: every index tensor a kernel reads must
+    # be aligned alike, or steps of new sizes build kernels mid-serving (seen on an H200: ~1 s each).
+    lens = [1] * num_single + [7, 64, 3, 10, 1][:num_chunks] + [5]
+    slots = list(range(10, 10 + len(lens)))[::-1]
+    starts = [4] * len(lens)
+    batch = Batch.build(lens, slots, starts, torch.device("cpu"))
+    for name in ("cu_seqlens", "slot_ids", "positions", "token_slots"):
+        assert getattr(batch, name).data_ptr() % 16 == 0, name
+    rest = batch.after_single
+    assert rest.slot_ids.data_ptr() % 16 == 0 and rest.slot_ids.tolist() == slots[num_single:]
+    assert rest.cu_seqlens.tolist() == [0, *itertools.accumulate(lens[num_single:])]
+    assert batch.slot_ids.tolist() == slots and batch.cu_seqlens[-1] == sum(lens)
+    assert batch.positions.tolist() == [4 + i for n in lens for i in range(n)]
+    assert batch.token_slots.tolist() == [s for s, n in zip(slots, lens) for _ in range(n)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 from engine.models.attention import QueryGroup, query_groups
 from engine.models.rope import rope_tables
@@ -41,11 +42,16 @@ class Batch:
         first = torch.tensor(starts).repeat_interleave(lens)
         positions = first + torch.arange(int(cu[-1])) - cu[:-1].repeat_interleave(lens)
         token_slots = torch.tensor(slots).repeat_interleave(lens)
-        # One host-to-device copy for all the index tensors.
-        packed = torch.cat([cu, torch.tensor(slots), positions, token_slots]).to(device)
-        n, t = len(seq_lens), int(cu[-1])
-        cu_d, slots_d, pos_d, tok_d = packed.split([n + 1, n, t, t])
-        return cls(tuple(seq_lens), tuple(starts), cu_d, slots_d, pos_d, tok_d)
+        # One host-to-device copy for all the index tensors, each starting 16 bytes aligned (an even
+        # number of int64s in): Triton builds a kernel variant per pointer alignment, and steps of every
+        # size would otherwise meet both, building kernels mid-serving (a second each).
+        parts = [cu, torch.tensor(slots, dtype=torch.int64), positions, token_slots]
+        packed = torch.cat([F.pad(part, (0, part.numel() % 2)) for part in parts]).to(device)
+        views, offset = [], 0
+        for part in parts:
+            views.append(packed[offset:offset + part.numel()])
+            offset += part.numel() + part.numel() % 2
+        return cls(tuple(seq_lens), tuple(starts), *views)
 
     @property
     def decode_only(self) -> bool:
@@ -77,7 +83,10 @@ class Batch:
         if d == 0:
             return self
         cu = self.cu_seqlens[d:] - d
-        return Batch(self.lens[d:], self.starts[d:], cu, self.slot_ids[d:], self.positions[d:], self.token_slots[d:],
+        slot_ids = self.slot_ids[d:]
+        if slot_ids.data_ptr() % 16:  # an odd d: a copy, 16 bytes aligned as every Batch.build tensor (see there)
+            slot_ids = slot_ids.clone()
+        return Batch(self.lens[d:], self.starts[d:], cu, slot_ids, self.positions[d:], self.token_slots[d:],
                      self.attn_len)
 
     @cached_property
