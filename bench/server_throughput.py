@@ -100,13 +100,15 @@ def _request_bytes(ids: list[int], max_tokens: int) -> bytes:
     return head + body
 
 
-async def _stream_one(host: str, port: int, request: bytes) -> tuple[int, int]:
+async def _stream_one(host: str, port: int, request: bytes) -> tuple[int, int, float, float]:
     """One streaming request on a connection of its own, read as raw bytes until the server closes it:
-    (completion tokens from the final usage chunk, SSE events). Nothing is parsed per event, so that a
-    client costs a small fraction of what the server spends on the same stream."""
+    (completion tokens from the final usage chunk, SSE events, time.time() of its first and last bytes).
+    Nothing is parsed per event, so that a client costs a small fraction of what the server spends on
+    the same stream."""
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(request)
     received = await reader.read(1 << 16)
+    first = time.time()
     assert received.startswith(b"HTTP/1.1 200"), received[:300]
     events, tail = 0, b""
     while received:
@@ -119,18 +121,18 @@ async def _stream_one(host: str, port: int, request: bytes) -> tuple[int, int]:
     assert tail.rstrip(b"\r\n0").endswith(b"data: [DONE]"), tail[-300:]
     usage_at = tail.rindex(b'data: {"')
     usage = json.loads(tail[usage_at + len(b"data: "):tail.index(b"\n\n", usage_at)])["usage"]
-    return usage["completion_tokens"], events
+    return usage["completion_tokens"], events, first, time.time()
 
 
 def _client(url: str, batch: list[list[int]], max_tokens: int, ready, go, results) -> None:
     host, port = url.removeprefix("http://").split(":")
     requests = [_request_bytes(ids, max_tokens) for ids in batch]
 
-    async def run() -> tuple[int, int, float, float, float]:
+    async def run() -> tuple[int, int, float, float, float, list[tuple[float, float]]]:
         start, cpu = time.time(), time.process_time()
         counts = await asyncio.gather(*(_stream_one(host, int(port), r) for r in requests))
         return (sum(c[0] for c in counts), sum(c[1] for c in counts), start, time.time(),
-                time.process_time() - cpu)
+                time.process_time() - cpu, [(c[2], c[3]) for c in counts])
 
     ready.put(None)
     go.wait()
@@ -169,8 +171,16 @@ def http_streams(url: str, concurrency: int, prompt_len: int, max_tokens: int, s
         p.join()
     tokens, events = sum(p[0] for p in parts), sum(p[1] for p in parts)
     assert tokens == concurrency * max_tokens, (tokens, concurrency * max_tokens)
-    wall = max(p[3] for p in parts) - min(p[2] for p in parts)
+    start = min(p[2] for p in parts)
+    wall = max(p[3] for p in parts) - start
+    firsts = sorted(t[0] - start for p in parts for t in p[5])  # each stream's first bytes (its response head)
+    lasts = sorted(t[1] - start for p in parts for t in p[5])
+    # when streams began and ended (s from the first request): a wide spread of first bytes is arrival and
+    # admission; of last bytes, streams that started late or were served unevenly
+    timeline = {"first_bytes_s": [firsts[0], firsts[len(firsts) // 2], firsts[-1]],
+                "last_bytes_s": [lasts[0], lasts[len(lasts) // 2], lasts[-1]]}
     return {"tok_s": tokens / wall, "tokens_per_event": tokens / max(events, 1), "engine_counters": counters,
+            "timeline": timeline,
             "server_cpu_us_per_token": None if server_cpu is None else 1e6 * server_cpu / tokens,
             "server_cpu_share": None if server_cpu is None else server_cpu / wall,
             "client_cpu_share": sum(p[4] for p in parts) / wall}
@@ -236,6 +246,9 @@ def main() -> None:
               f"ratio {http_tps / engine_tps:.3f}  | server process {us or float('nan'):5.1f} CPU us/token, "
               f"busy {http['server_cpu_share'] or float('nan'):.2f}; clients busy {http['client_cpu_share']:.2f}; "
               f"{http['tokens_per_event']:.2f} tokens/event", flush=True)
+        first, last = http["timeline"]["first_bytes_s"], http["timeline"]["last_bytes_s"]
+        print(f"        streams' first bytes at {first[0]:.3f} / {first[1]:.3f} / {first[2]:.3f} s (min / median / "
+              f"max), last at {last[0]:.3f} / {last[1]:.3f} / {last[2]:.3f} s", flush=True)
         for where, n in (("alone", alone_counters), ("server", http["engine_counters"])):
             # Same work both ways: more steps, or longer ones, behind the server say where the time went.
             print(f"        engine {where:6s}: {n['steps']:6.0f} steps, {n['step_seconds']:6.3f} s in steps "
