@@ -57,7 +57,10 @@ _COUNTERS = ("steps", "step_seconds", "overlapped_steps", "kernel_builds", "kern
 _METRIC_OF = {"steps": "deltaserve:engine_steps_total", "step_seconds": "deltaserve:engine_step_seconds_total",
               "overlapped_steps": "deltaserve:engine_overlapped_decode_steps_total",
               "kernel_builds": "deltaserve:engine_kernel_builds_total",
-              "kernel_build_seconds": "deltaserve:engine_kernel_build_seconds_total"}
+              "kernel_build_seconds": "deltaserve:engine_kernel_build_seconds_total",
+              # the server's own view of time to first token: from its handler's start, not the client's send
+              "ttft_sum": "deltaserve:time_to_first_token_seconds_sum",
+              "ttft_count": "deltaserve:time_to_first_token_seconds_count"}
 
 
 def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> tuple[float, dict]:
@@ -83,7 +86,7 @@ def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> 
 
 
 def _server_engine_counters(url: str) -> dict:
-    """The server's engine step counters, from /metrics."""
+    """The server's engine step counters and its time-to-first-token total and count, from /metrics."""
     values = {}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         name, _, value = line.partition("{")
@@ -166,7 +169,7 @@ def http_streams(url: str, concurrency: int, prompt_len: int, max_tokens: int, s
     parts = [results.get(timeout=900) for _ in procs]
     server_cpu = None if server_cpu is None else _cpu_seconds(server_pid) - server_cpu
     after = _server_engine_counters(url)
-    counters = {name: after[name] - counters[name] for name in _COUNTERS}
+    counters = {name: after[name] - counters[name] for name in _METRIC_OF}
     for p in procs:
         p.join()
     tokens, events = sum(p[0] for p in parts), sum(p[1] for p in parts)
@@ -178,7 +181,9 @@ def http_streams(url: str, concurrency: int, prompt_len: int, max_tokens: int, s
     # when streams began and ended (s from the first request): a wide spread of first bytes is arrival and
     # admission; of last bytes, streams that started late or were served unevenly
     timeline = {"first_bytes_s": [firsts[0], firsts[len(firsts) // 2], firsts[-1]],
-                "last_bytes_s": [lasts[0], lasts[len(lasts) // 2], lasts[-1]]}
+                "last_bytes_s": [lasts[0], lasts[len(lasts) // 2], lasts[-1]],
+                "mean_first_bytes_s": sum(firsts) / len(firsts),
+                "server_mean_ttft_s": counters.pop("ttft_sum") / max(counters.pop("ttft_count"), 1)}
     return {"tok_s": tokens / wall, "tokens_per_event": tokens / max(events, 1), "engine_counters": counters,
             "timeline": timeline,
             "server_cpu_us_per_token": None if server_cpu is None else 1e6 * server_cpu / tokens,
@@ -248,7 +253,10 @@ def main() -> None:
               f"{http['tokens_per_event']:.2f} tokens/event", flush=True)
         first, last = http["timeline"]["first_bytes_s"], http["timeline"]["last_bytes_s"]
         print(f"        streams' first bytes at {first[0]:.3f} / {first[1]:.3f} / {first[2]:.3f} s (min / median / "
-              f"max), last at {last[0]:.3f} / {last[1]:.3f} / {last[2]:.3f} s", flush=True)
+              f"max), last at {last[0]:.3f} / {last[1]:.3f} / {last[2]:.3f} s; mean first bytes "
+              f"{http['timeline']['mean_first_bytes_s']:.3f} s, mean TTFT the server saw "
+              f"{http['timeline']['server_mean_ttft_s']:.3f} s (the difference: before its handler ran)",
+              flush=True)
         for where, n in (("alone", alone_counters), ("server", http["engine_counters"])):
             # Same work both ways: more steps, or longer ones, behind the server say where the time went.
             print(f"        engine {where:6s}: {n['steps']:6.0f} steps, {n['step_seconds']:6.3f} s in steps "
