@@ -75,15 +75,20 @@ class Scheduler:
         if not self.waiting:
             return
         running = self.num_running_sequences  # counted once: admitting B requests is O(B), not O(B^2)
+        free = self.pool.num_free
+        admitted = []
         while self.waiting:
             n = self.waiting[0].params.n
-            if self.pool.num_free < n or running + n > self.max_num_seqs:
-                return  # FIFO: nobody overtakes the head of the queue
+            if free < n or running + n > self.max_num_seqs:
+                break  # FIFO: nobody overtakes the head of the queue
             request = self.waiting.popleft()
-            for seq in request.sequences:
-                seq.slot = self.pool.allocate()
+            admitted.extend(request.sequences)
             self.running.append(request)
             running += n
+            free -= n
+        # all their slots in one go: clearing them is one launch per state tensor
+        for seq, slot in zip(admitted, self.pool.allocate_many(len(admitted))):
+            seq.slot = slot
 
     def release(self, seq: Sequence) -> None:
         """Give a finished or aborted sequence's slot back."""

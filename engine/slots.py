@@ -43,6 +43,7 @@ class SlotPool:
         self.scratch = num_slots  # the extra row every per-slot tensor has
         self.max_len = max_len
         self.state_dtype = state_dtype
+        self.device = device
         rows = num_slots + 1
         self.conv: list[torch.Tensor | None] = []  # per layer: [slots, conv_dim, conv_kernel - 1]
         self.recurrent: list[torch.Tensor | None] = []  # per layer: [slots, HV, K, V] state_dtype
@@ -73,12 +74,17 @@ class SlotPool:
         return len(self._free)
 
     def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("no free slot")  # the scheduler admits only when one is free
-        slot = self._free.pop()
-        self._in_use.add(slot)
-        self._clear(slot)
-        return slot
+        return self.allocate_many(1)[0]
+
+    def allocate_many(self, count: int) -> list[int]:
+        """`count` slots, their states zeroed together: one launch per state tensor, not one per slot
+        (a burst of 256 admissions cleared slot by slot cost ~75 ms of kernel launches on an H200 host)."""
+        if count > len(self._free):
+            raise RuntimeError("no free slot")  # the scheduler admits only when enough are free
+        slots = [self._free.pop() for _ in range(count)]
+        self._in_use.update(slots)
+        self._clear(slots)
+        return slots
 
     def release(self, slot: int) -> None:
         assert slot in self._in_use, f"slot {slot} is not in use"
@@ -114,10 +120,17 @@ class SlotPool:
 
     def clear_scratch(self) -> None:
         """Zero the scratch row's states (after start-up forwards ran on it: engine/warmup.py)."""
-        self._clear(self.scratch)
+        self._clear([self.scratch])
 
-    def _clear(self, slot: int) -> None:
+    def _clear(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        rows = torch.tensor(slots, device=self.device) if len(slots) > 1 else slots[0]
         for conv, rec in zip(self.conv, self.recurrent):
             if conv is not None:
-                conv[slot].zero_()
-                rec[slot].zero_()
+                if len(slots) > 1:
+                    conv.index_fill_(0, rows, 0)
+                    rec.index_fill_(0, rows, 0)
+                else:
+                    conv[rows].zero_()
+                    rec[rows].zero_()

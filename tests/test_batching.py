@@ -87,6 +87,24 @@ def test_pool_hands_each_slot_to_one_owner(model):
     assert pool.allocate() == slots[2]
 
 
+def test_slots_allocated_together_are_distinct_and_zeroed_and_others_untouched(model):
+    pool = model.new_pool(5)
+    first = pool.allocate_many(3)
+    states = [t for t in pool.conv + pool.recurrent if t is not None]
+    for t in states:
+        t.normal_()  # every row dirty, the free ones too, as a previous owner would leave them
+    kept = [t[first].clone() for t in states]
+    for slot in first[:2]:
+        pool.release(slot)
+    again = pool.allocate_many(4)
+    assert len(set(again)) == 4 and set(again).isdisjoint({first[2]}) and pool.num_free == 0
+    for t, before in zip(states, kept):
+        assert not t[again].any()
+        torch.testing.assert_close(t[first[2]], before[2])  # the slot still in use keeps its state
+    with pytest.raises(RuntimeError):
+        pool.allocate_many(1)
+
+
 @pytest.mark.parametrize("num_single", [0, 1, 2, 3])
 @pytest.mark.parametrize("num_chunks", [1, 2, 5])
 def test_batch_index_tensors_start_16_byte_aligned_whatever_the_sizes(num_single, num_chunks):
