@@ -114,6 +114,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._builds = kernel_builds()
         if self.model.device.type == "cuda":
+            # The host's part of a CUDA step is bookkeeping on small CPU tensors (batch indices), where
+            # intra-op threads only add wake-ups, and they take cores the server's processes need: on an
+            # H200 host, steps prefilling 2048 tokens took 38-54 ms with 16 threads, 20-26 ms with one.
+            torch.set_num_threads(1)
             self._warm_up()
         self.decode_step = self._make_decode_step()
         overlap = config.overlap_decode if config.overlap_decode is not None else self.decode_step is not None
