@@ -53,9 +53,10 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tenso
         return fused_recurrent_decode(q, k, v, a, b, A_log, dt_bias, state_pool, slots)
     if backend == "triton" and not decode_only:
         from kernels.chunk import chunk_gated_delta_rule_prefill
+        from kernels.gates import gdn_gates
         d = batch.num_single if single_token else 0
         rest = batch.after_single if d else batch
-        g, beta = reference.gdn_gates(a[d:], b[d:], A_log, dt_bias)
+        g, beta = gdn_gates(a[d:], b[d:], A_log, dt_bias)
         if allow_neg_eigval:
             beta = beta * 2.0
         chunks = chunk_gated_delta_rule_prefill(q[d:].contiguous(), k[d:].contiguous(), v[d:].contiguous(), g,
