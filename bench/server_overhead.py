@@ -4,10 +4,20 @@ a fixed pace, with no model. Runs on CPU; the number to watch is the server proc
 streamed token, and whether it keeps pace (HTTP tok/s over the pace's tok/s, the ratio
 bench/server_throughput.py measures on a GPU with the real engine).
 
-    python bench/server_overhead.py [--concurrency 64 256] [--steps-per-s 117] [--max-tokens 256]
+    python bench/server_overhead.py [--concurrency 64 256] [--steps-per-s 117] [--max-tokens 256] [--rounds 1]
 
 The default pace is what the real engine makes on an H200 (bench/server_throughput.py's model): ~117 steps
 per second. Clients are those of bench/server_throughput.py (raw sockets, separate processes).
+
+The cost of admitting a request (request bytes to the first SSE event, and its teardown) shows with short
+streams and a fast pace, where streaming is a small part of the work:
+
+    python bench/server_overhead.py --max-tokens 2 --concurrency 256 --steps-per-s 500 --rounds 5
+
+Each row also gives the server's CPU per request and when the streams' first bytes came (min / median /
+max, s from the first request sent), with the clients' mean first bytes less the server's own mean TTFT
+(which starts when the route handler runs): the time requests queued before their handler ran. With
+--rounds N, N timed bursts on one server (after one warm-up), each reported, and their medians.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,12 +121,44 @@ def serve_paced(model_dir: Path, port: int, concurrency: int, steps_per_s: float
         engine.stop()
 
 
+_MEDIANS = ("tok_s", "ratio", "server_cpu_us_per_token", "server_cpu_us_per_request", "server_cpu_share",
+            "client_cpu_share", "tokens_per_event", "first_bytes_min_s", "first_bytes_median_s", "first_bytes_max_s",
+            "queued_before_handler_s")
+
+
+def _row(concurrency: int, steps_per_s: float, max_tokens: int, http: dict) -> dict:
+    pace = steps_per_s * concurrency
+    us_token = http["server_cpu_us_per_token"]
+    first, timeline = http["timeline"]["first_bytes_s"], http["timeline"]
+    return {"concurrency": concurrency, "pace_tok_s": pace, **http, "ratio": http["tok_s"] / pace,
+            "server_cpu_us_per_request": None if us_token is None else us_token * max_tokens,
+            "first_bytes_min_s": first[0], "first_bytes_median_s": first[1], "first_bytes_max_s": first[2],
+            "queued_before_handler_s": timeline["mean_first_bytes_s"] - timeline["server_mean_ttft_s"]}
+
+
+def _medians(runs: list[dict]) -> dict:
+    return {key: None if any(run[key] is None for run in runs) else statistics.median(run[key] for run in runs)
+            for key in _MEDIANS}
+
+
+def _print_row(label: str, row: dict) -> None:
+    nan = float("nan")
+    print(f"{label}  pace {row['pace_tok_s']:7.0f} tok/s  http {row['tok_s']:7.0f} tok/s  ratio {row['ratio']:.3f}"
+          f"  | server process {row['server_cpu_us_per_token'] or nan:5.1f} CPU us/token "
+          f"({row['server_cpu_us_per_request'] or nan:6.1f} us/request), busy {row['server_cpu_share'] or nan:.2f}; "
+          f"clients busy {row['client_cpu_share']:.2f}; {row['tokens_per_event']:.2f} tokens/event\n"
+          f"{' ' * len(label)}  first bytes at {row['first_bytes_min_s']:.3f} / {row['first_bytes_median_s']:.3f} / "
+          f"{row['first_bytes_max_s']:.3f} s (min / median / max); queued before the handler "
+          f"{row['queued_before_handler_s']:.3f} s (mean first bytes - the server's mean TTFT)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps-per-s", type=float, default=117.0)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=1, help="timed bursts per concurrency (medians reported)")
     parser.add_argument("--port", type=int, default=8432)
     parser.add_argument("--serve", type=int, default=None, metavar="CONCURRENCY", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -136,16 +179,22 @@ def main() -> None:
             url = f"http://127.0.0.1:{args.port}"
             wait_healthy(proc, args.port)
             http_streams(url, c, args.prompt_len, args.max_tokens, 1, proc.pid)  # warm-up
-            http = http_streams(url, c, args.prompt_len, args.max_tokens, 0, proc.pid)
+            runs = []
+            for i in range(args.rounds):
+                http = http_streams(url, c, args.prompt_len, args.max_tokens, 0, proc.pid)
+                runs.append(_row(c, args.steps_per_s, args.max_tokens, http))
+                if args.rounds > 1:
+                    _print_row(f"C={c:4d} #{i + 1}", runs[-1])
         finally:
             proc.terminate()
             proc.wait(timeout=120)
-        pace = args.steps_per_s * c
-        rows.append({"concurrency": c, "pace_tok_s": pace, **http, "ratio": http["tok_s"] / pace})
-        print(f"C={c:4d}  pace {pace:7.0f} tok/s  http {http['tok_s']:7.0f} tok/s  ratio {http['tok_s'] / pace:.3f}"
-              f"  | server process {http['server_cpu_us_per_token'] or float('nan'):5.1f} CPU us/token, busy "
-              f"{http['server_cpu_share'] or float('nan'):.2f}; clients busy {http['client_cpu_share']:.2f}; "
-              f"{http['tokens_per_event']:.2f} tokens/event", flush=True)
+        if args.rounds == 1:
+            rows.append(runs[0])
+            _print_row(f"C={c:4d}", runs[0])
+        else:
+            median = {"concurrency": c, "pace_tok_s": runs[0]["pace_tok_s"], **_medians(runs)}
+            rows.append({**median, "rounds": runs})
+            _print_row(f"C={c:4d} median", median)
     result = {"steps_per_s": args.steps_per_s, "max_tokens": args.max_tokens, "cpus": os.cpu_count(), "rows": rows}
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "server_overhead.json").write_text(json.dumps(result, indent=1))
