@@ -6,6 +6,8 @@ import uuid
 from importlib import metadata
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.openapi.models import Schema
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -20,14 +22,16 @@ from server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCom
                              CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                              ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
                              VersionResponse)
+from server.request_body import COMPONENTS, openapi_body, read_body
 from server.state import ServerState
 from server.streaming import event_stream
 
 _ERR = {"model": ErrorResponse}
 TOKENIZER_RESPONSES = {400: _ERR, 404: _ERR, 500: _ERR}
 CLIENT_CLOSED = 499  # nginx's status for "the client went away": the response is never seen
-COMPONENTS = "#/components/schemas/{model}"
-_STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)  # in no route's signature, so added to the schema here
+# in no route's signature, so added to the schema here: the stream chunks, and the bodies routes read themselves
+_STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)
+_READ_BODIES = (CompletionRequest, ChatCompletionRequest)
 
 
 def _sse(chunk: type[BaseModel]) -> dict:
@@ -59,8 +63,10 @@ def build_app(state: ServerState) -> FastAPI:
     errors.install(app)
     _finish_openapi(app)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=_generate_responses(CompletionChunk))
-    async def completions(body: CompletionRequest, raw: Request):
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_generate_responses(CompletionChunk),
+              openapi_extra=openapi_body(CompletionRequest))
+    async def completions(raw: Request):
+        body = await read_body(raw, CompletionRequest)
         state.check_model(body.model)
         prompts = completion_prompts(body, state.tokenizer)
         params = completion_params(body, max(len(p) for p in prompts), state.max_model_len)
@@ -69,8 +75,9 @@ def build_app(state: ServerState) -> FastAPI:
         return await _answer(gen, raw, body.stream, writer.chunks, writer.response)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses=_generate_responses(ChatCompletionChunk))
-    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+              responses=_generate_responses(ChatCompletionChunk), openapi_extra=openapi_body(ChatCompletionRequest))
+    async def chat_completions(raw: Request):
+        body = await read_body(raw, ChatCompletionRequest)
         state.check_model(body.model)
         prompt = chat_request_prompt(body, state.tokenizer)
         params = chat_params(body, len(prompt), state.max_model_len)
@@ -151,7 +158,8 @@ async def _answer(gen: Generation, raw: Request, stream: bool, chunks, response)
 
 def _finish_openapi(app: FastAPI) -> None:
     """FastAPI documents a 422 on every route with a body; this server answers 400 instead. And it
-    knows nothing of the stream chunks that the SSE responses refer to."""
+    knows nothing of the stream chunks that the SSE responses refer to, nor of the bodies that routes read
+    with read_body."""
     build = app.openapi
 
     def openapi() -> dict:
@@ -167,6 +175,9 @@ def _finish_openapi(app: FastAPI) -> None:
                                            ref_template=COMPONENTS)
             for name, definition in chunks["$defs"].items():
                 components.setdefault(name, definition)
+            _, bodies = models_json_schema([(model, "validation") for model in _READ_BODIES], ref_template=COMPONENTS)
+            for name, definition in bodies["$defs"].items():  # as FastAPI writes its own: no "default": null
+                components.setdefault(name, jsonable_encoder(Schema(**definition), by_alias=True, exclude_none=True))
             app.openapi_schema = schema
         return app.openapi_schema
 

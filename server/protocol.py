@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, model_serializer,
+                      model_validator)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a str only as a lone one: JSON pairs decode to one code point
 TokenIds = list[StrictInt]
@@ -21,13 +22,19 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# Validation context of a body that pydantic parsed from JSON bytes: its parser refuses lone surrogates itself.
+PARSED_FROM_JSON = {"parsed_from_json": True}
+
+
 class _Body(_Request):
     """A whole request body. JSON may spell a lone surrogate ("\\udc00"): valid JSON, but no text, so no
     tokenizer takes it and no UTF-8 answer can echo it; refused here, wherever in the body it is."""
 
     @model_validator(mode="before")
     @classmethod
-    def _only_text(cls, data: Any) -> Any:
+    def _only_text(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.context is PARSED_FROM_JSON:  # nothing to look for, and the walk costs ~35 us a 128-id prompt
+            return data
         where = _lone_surrogate(data, "")
         if where is not None:
             raise ValueError(f"{where or 'the body'} holds a lone surrogate (\\ud800-\\udfff), which is not text")
