@@ -25,6 +25,7 @@ from server.generation import ClientGone, Generation
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"  # a stream's last event
 
 
 class EventStreamResponse(Response):
@@ -39,12 +40,16 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        last = b""
         try:
             async for data in self.events:
+                if data is DONE:  # the last event goes out with the end of the body: one send (and write) less
+                    last = data
+                    break
                 await send({"type": "http.response.body", "body": data, "more_body": True})
         finally:
             await self.events.aclose()  # its own finally closes the Generation, even when this is cancelled
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 def event_stream(gen: Generation, chunks: AsyncIterator[str]) -> EventStreamResponse:
@@ -66,4 +71,4 @@ async def _events(gen: Generation, chunks: AsyncIterator[str]) -> AsyncIterator[
         yield f"data: {APIError(500, f'internal error: {type(err).__name__}').body().model_dump_json()}\n\n".encode()
     finally:
         gen.close()
-    yield b"data: [DONE]\n\n"
+    yield DONE

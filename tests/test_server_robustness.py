@@ -278,3 +278,31 @@ def test_error_after_the_stream_began_is_a_data_event_then_done():
     gen, events = asyncio.run(run())
     assert events[0] == "data: {}\n\n" and events[-1] == "data: [DONE]\n\n"
     assert json.loads(events[1][len("data: "):])["error"]["message"] == "boom" and gen.closed
+
+
+def test_a_stream_sends_its_last_event_with_the_end_of_the_body():
+    from server.streaming import event_stream
+
+    class FakeGen:
+        id, status = "x", 200
+
+        def close(self):
+            self.closed = True
+
+    async def chunks():
+        yield "{}"
+        yield "{}"
+
+    async def run():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        gen = FakeGen()
+        await event_stream(gen, chunks())({"type": "http"}, None, send)
+        return gen, sent
+
+    gen, sent = asyncio.run(run())
+    assert [m.get("body") for m in sent[1:]] == [b"data: {}\n\n", b"data: {}\n\n", b"data: [DONE]\n\n"]
+    assert [m.get("more_body") for m in sent[1:]] == [True, True, False] and gen.closed
