@@ -62,6 +62,7 @@ class Metrics:
         self.kernel_build_seconds = counter("engine_kernel_build_seconds", "Time engine steps spent building "
                                             "Triton kernels.")
         self._engine_seen = EngineStats(0, 0, 0, 0)  # the counters' values at the last scrape
+        self._children: dict[tuple, object] = {}  # (metric, extra label values) -> its child for this model
 
 
     def render(self, stats: EngineStats) -> bytes:
@@ -84,8 +85,8 @@ class Metrics:
     # ---- fed by the request path ----------------------------------------------------------------
 
     def first_token(self, ttft_s: float, prompt_tokens: int) -> None:
-        self.ttft.labels(self._model).observe(ttft_s)
-        self.prompt_tokens.labels(self._model).inc(prompt_tokens)
+        self._child(self.ttft).observe(ttft_s)
+        self._child(self.prompt_tokens).inc(prompt_tokens)
 
     def tokens(self, count: int, gap_s: float | None) -> None:
         """`count` tokens of one choice arrived, `gap_s` after its previous ones (None for its first)."""
@@ -95,10 +96,20 @@ class Metrics:
             tally.observe(gap_s / count, count)
 
     def choice_finished(self, reason: str) -> None:
-        self.success.labels(self._model, reason).inc()
+        self._child(self.success, reason).inc()
 
     def request_finished(self, e2e_s: float) -> None:
-        self.e2e.labels(self._model).observe(e2e_s)
+        self._child(self.e2e).observe(e2e_s)
+
+    def _child(self, metric, *labels: str):
+        """metric.labels(model, *labels), looked up once: labels() takes a lock and builds the key each call
+        (~1 us, a few times per request). Made on first use, as before, so that a series appears in a scrape
+        once it has a value."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self._model, *labels)
+        return child
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self._model, reason).inc()
