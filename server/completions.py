@@ -74,7 +74,7 @@ class CompletionWriter:
                                           finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
                 yield self._chunk([choice]).model_dump_json()
         if self.request.stream_options is not None and self.request.stream_options.include_usage:
-            yield self._chunk([], self.usage()).model_dump_json()
+            yield self.template.usage(self.gen.prompt_tokens, self.gen.completion_tokens)
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionChunk:
         return CompletionChunk(id=self.gen.id, created=self.created, model=self.gen.state.model_name,
