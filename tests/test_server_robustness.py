@@ -108,7 +108,9 @@ def test_every_stream_event_matches_the_event_schema_openapi_declares(server, ro
     payload_schemas = [_validator(openapi, p) for p in _content_schema_pointers(declared, pointer)]
     reply = httpx.post(f"{server.url}{route}", json={**body, "ignore_eos": True}, timeout=30)
     events = [{"data": line[len("data: "):]} for line in reply.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == {"data": "[DONE]"} and len(events) > 3
+    # at least a chunk, the usage chunk and [DONE]: tokens that queue up while the server is busy
+    # (a loaded CI machine) go out merged, so four tokens may come as one chunk
+    assert events[-1] == {"data": "[DONE]"} and len(events) >= 3
     for event in events:  # an event as an SSE parser hands it over: {"data": ...}
         event_schema.validate(event)
     assert payload_schemas, "the event schema says nothing of the JSON its data carries"
