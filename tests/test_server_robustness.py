@@ -258,22 +258,24 @@ def test_full_queue_is_503_with_retry_after(tmp_path):
         srv.stop()
 
 
+class _StandInGeneration:
+    """What the SSE writer uses of a Generation: an id, a status, close()."""
+    id, status, closed = "x", 200, False
+
+    def close(self):
+        self.closed = True
+
+
 def test_error_after_the_stream_began_is_a_data_event_then_done():
     from server.errors import APIError
     from server.streaming import _events
-
-    class FakeGen:
-        id, status = "x", 200
-
-        def close(self):
-            self.closed = True
 
     async def chunks():
         yield "{}"
         raise APIError(500, "boom")
 
     async def run():
-        gen = FakeGen()
+        gen = _StandInGeneration()
         events = [e.decode() async for e in _events(gen, chunks())]
         return gen, events
 
@@ -285,12 +287,6 @@ def test_error_after_the_stream_began_is_a_data_event_then_done():
 def test_a_stream_sends_its_last_event_with_the_end_of_the_body():
     from server.streaming import event_stream
 
-    class FakeGen:
-        id, status = "x", 200
-
-        def close(self):
-            self.closed = True
-
     async def chunks():
         yield "{}"
         yield "{}"
@@ -301,7 +297,7 @@ def test_a_stream_sends_its_last_event_with_the_end_of_the_body():
         async def send(message):
             sent.append(message)
 
-        gen = FakeGen()
+        gen = _StandInGeneration()
         await event_stream(gen, chunks())({"type": "http"}, None, send)
         return gen, sent
 
