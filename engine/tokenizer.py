@@ -41,6 +41,15 @@ class Tokenizer:
         self._bos_token = bos_token
         self._eos_token = eos_token
         self._template = _compile_template(chat_template) if chat_template is not None else None
+        self._special_ids = frozenset(i for i, token in backend.get_added_tokens_decoder().items() if token.special)
+
+    def is_silent(self, token_id: int, skip_special_tokens: bool = True) -> bool:
+        """Does the token decode to nothing wherever it stands? A special token when those are skipped, and an
+        id the vocabulary does not name (a model's embedding may have more rows than its tokenizer has
+        tokens): decode() leaves both out before its decoder runs."""
+        if skip_special_tokens and token_id in self._special_ids:
+            return True
+        return self._backend.id_to_token(token_id) is None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -146,6 +155,10 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (often "", never a broken character)."""
+        if self._tokenizer.is_silent(token_id, self._skip_special_tokens):
+            # Left out of the window, as decode() leaves it out: kept, a long run of them (EOS after EOS
+            # with ignore_eos) would grow the window, which is decoded whole at every token.
+            return ""
         self._ids.append(token_id)
         text = self._decode(self._ids)
         if len(text) > len(self._prefix_text) and not text.endswith(_REPLACEMENT_CHAR):

@@ -305,6 +305,9 @@ class CountingTokenizer:
         self.longest = max(self.longest, len(ids))
         return self.tok.decode(ids, skip_special_tokens)
 
+    def is_silent(self, token_id, skip_special_tokens=True):
+        return self.tok.is_silent(token_id, skip_special_tokens)
+
 
 def test_window_stays_short_on_a_long_run_of_invalid_bytes(tok):
     lead_byte = tok.encode("中", add_special_tokens=False)[0]  # a lone UTF-8 lead byte, never completed
@@ -313,6 +316,18 @@ def test_window_stays_short_on_a_long_run_of_invalid_bytes(tok):
     pieces = stream(counting, ids)
     assert "".join(pieces) == tok.decode(ids)
     assert counting.longest <= 16
+
+
+def test_window_stays_short_on_a_long_run_of_tokens_that_decode_to_nothing(tok):
+    # what ignore_eos streams look like: EOS (skipped) over and over, or ids past the tokenizer's vocabulary
+    # (a model whose embedding rows outnumber its tokens), between pieces of text
+    text = tok.encode("ok 中", add_special_tokens=False)
+    for filler in (0, tok.vocab_size + 7):
+        ids = text + [filler] * 500 + text[:1] + [filler] * 30 + text[1:]
+        for skip in (True, False):
+            counting = CountingTokenizer(tok)
+            assert "".join(stream(counting, ids, skip)) == tok.decode(ids, skip)
+            assert counting.longest <= 16
 
 
 def test_long_run_of_skipped_special_tokens_does_not_split_a_character(tok):
@@ -343,3 +358,7 @@ def test_leading_space_is_kept_by_a_decoder_that_strips_it_at_the_start(tmp_path
         for skip in (True, False):
             assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip), ids
     assert stream(tok, [1, 2, 3]) == ["Hello", " world", "!", ""]
+    # a long run of skipped tokens (dropped from the window) between a lone "▁" and a word, and mid-text
+    for ids in ([4] + [5] * 20 + [1, 2], [1] + [5] * 20 + [4] + [5] * 20 + [2, 3]):
+        for skip in (True, False):
+            assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip), ids
