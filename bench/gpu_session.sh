@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_session.sh decode prefill state  # kernels, < 5 minutes
 #   bash bench/gpu_session.sh engine server         # engine vs transformers, HTTP vs engine, < 7 minutes
+#   bash bench/gpu_session.sh trace                 # the engine's steps behind the server in a burst, < 2 minutes
 #
 # On the device machine the Python packages it lacks travel as wheels in .whl (see
 # ../.library/device/README.md); they are installed first when present.
@@ -34,3 +35,5 @@ run prefill 140 python3 bench/kernels_prefill.py --det-repeats 3
 run state 50 python3 bench/kernels_decode_state_dtype.py
 run engine 230 python3 bench/engine.py --batches 1,32,128,512 --hf-batches 1,32,128 --check-dtypes bfloat16
 run server 160 python3 bench/server_throughput.py --concurrency 64 256
+# not in the default list: the engine's steps behind the server during one burst (bench/server_step_trace.py)
+run trace 120 python3 bench/server_step_trace.py --concurrency 256 --show 60
