@@ -238,8 +238,11 @@ class LLMEngine:
         sequence's sampling depends on its output so far (greedy or drawn, with seeds, top-k/p,
         min-p, logit bias; not penalties, an unmet min_tokens, or logprobs to read back), and not
         while a waiting request could be admitted (it must not wait behind a chain of steps)."""
-        return (self.overlap_decode and all(seq.sampler.needs_no_history for seq in seqs)
-                and not self.scheduler.can_admit())
+        return self._may_chain() and all(seq.sampler.needs_no_history for seq in seqs)
+
+    def _may_chain(self) -> bool:
+        """_may_overlap for sequences already in flight: their samplers passed, and stay so."""
+        return self.overlap_decode and not self.scheduler.can_admit()
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         """Launch the decode step after the one in flight (fed its tokens on the device), then read
@@ -252,7 +255,7 @@ class LLMEngine:
         current, self._in_flight = self._in_flight, None
         going_on = [i for i, seq in enumerate(current.seqs) if self._may_continue(seq)]
         nxt = [current.seqs[i] for i in going_on]
-        if nxt and self._may_overlap(nxt):
+        if nxt and self._may_chain():
             rows = current.tokens if len(nxt) == len(current.seqs) else current.tokens[
                 torch.tensor(going_on, device=current.tokens.device)]
             logits = self.decode_step.run(rows, [seq.slot for seq in nxt], [seq.num_computed for seq in nxt])

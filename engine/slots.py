@@ -125,12 +125,8 @@ class SlotPool:
     def _clear(self, slots: list[int]) -> None:
         if not slots:
             return
-        rows = torch.tensor(slots, device=self.device) if len(slots) > 1 else slots[0]
+        rows = torch.tensor(slots, device=self.device)
         for conv, rec in zip(self.conv, self.recurrent):
             if conv is not None:
-                if len(slots) > 1:
-                    conv.index_fill_(0, rows, 0)
-                    rec.index_fill_(0, rows, 0)
-                else:
-                    conv[rows].zero_()
-                    rec[rows].zero_()
+                conv.index_fill_(0, rows, 0)
+                rec.index_fill_(0, rows, 0)
