@@ -26,6 +26,19 @@ def _chunk_rows(c, cu_seqlens, chunk_start, chunk_seq, N):
 
 
 @triton.jit
+def _inv_row_norms(p, m, K: tl.constexpr, BK: tl.constexpr, EPS: tl.constexpr):
+    """1 / ||row|| (with EPS under the root) of the 64 rows p[:, None] + [0, K) where m, in fp32 [64]:
+    the l2norm of a chunk's q or k as a per-row scale. Its own loop, after the pipelined product
+    loop that loads the same tiles (see kernels/chunk_output.py on why not inside it)."""
+    ss = tl.zeros([64], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        x = tl.load(p + ck[None, :], mask=m[:, None] & (ck[None, :] < K), other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return tl.rsqrt(ss + EPS)
+
+
+@triton.jit
 def _decay_mask(Gi, Gj, mask):
     """exp2(Gi - Gj) where mask, else 0; the exponent is forced to 0 where masked."""
     return tl.where(mask, tl.exp2(tl.where(mask, Gi[:, None] - Gj[None, :], 0.0)), 0.0)

@@ -15,7 +15,7 @@ in the TTGIR: q in a 1 x 64 x 64 buffer at 2 stages, k and h in 2; wgmma wait wi
 import triton
 import triton.language as tl
 
-from kernels.chunk_common import _chunk_rows, _decay_mask, _mm
+from kernels.chunk_common import _chunk_rows, _decay_mask, _inv_row_norms, _mm
 
 
 @triton.jit(do_not_specialize=["N"])  # see kernels/chunk_wy.py
@@ -51,13 +51,7 @@ def _output_kernel(
             acc_o = _mm(b_q, b_h, acc_o, F32)
             acc_a = _mm(b_q, tl.trans(b_k), acc_a, F32)
         if USE_L2:  # q's tiles again (from L1/L2), outside the pipelined loop: see the docstring
-            ss = tl.zeros([64], dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                ck = k0 + tl.arange(0, BK)
-                qf = tl.load(p_q + ck[None, :], mask=m[:, None] & (ck[None, :] < K),
-                             other=0.0).to(tl.float32)
-                ss += tl.sum(qf * qf, axis=1)
-            r_q = tl.rsqrt(ss + EPS) * scale
+            r_q = _inv_row_norms(p_q, m, K, BK, EPS) * scale
         else:
             r_q = tl.zeros([64], dtype=tl.float32) + scale
 

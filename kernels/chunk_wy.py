@@ -21,7 +21,7 @@ and barriers order the program's writes and reads.
 import triton
 import triton.language as tl
 
-from kernels.chunk_common import _chunk_rows, _decay_mask, _mm
+from kernels.chunk_common import _chunk_rows, _decay_mask, _inv_row_norms, _mm
 
 
 @triton.jit
@@ -176,13 +176,7 @@ def _wy_kernel(
             b_k = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K), other=0.0)
             A = _mm(b_k, tl.trans(b_k), A, F32)
         if USE_L2:
-            ss = tl.zeros([64], dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                ck = k0 + tl.arange(0, BK)
-                kf = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K),
-                             other=0.0).to(tl.float32)
-                ss += tl.sum(kf * kf, axis=1)
-            b_r = tl.rsqrt(ss + EPS)
+            b_r = _inv_row_norms(p_k, m, K, BK, EPS)
         else:
             b_r = tl.where(m, 1.0, 0.0)
         if hv % (HV // H) == 0:
