@@ -51,19 +51,21 @@ class Metrics:
         self._per_token = _PerTokenTally(_LATENCY_BUCKETS)
         self.registry.register(_PerTokenCollector(model_name, self._per_token))
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
-        self.engine_steps = counter("engine_steps", "Engine steps run (each: prompt chunks and/or one decode token "
-                                    "per running sequence).")
-        self.engine_step_seconds = counter("engine_step_seconds", "Wall time the engine spent inside steps; "
-                                           "over engine_steps, the mean step time.")
-        self.overlapped_steps = counter("engine_overlapped_decode_steps", "Decode steps launched on the previous "
-                                        "step's tokens on the device while the host finished that step.")
-        self.kernel_builds = counter("engine_kernel_builds", "Triton kernels built inside engine steps (each stalls "
-                                     "its step): launch shapes the start-up warm-up did not meet.")
-        self.kernel_build_seconds = counter("engine_kernel_build_seconds", "Time engine steps spent building "
-                                            "Triton kernels.")
+        # The engine's running totals (engine.engine.StepCounters), each with the EngineStats field it comes from.
+        self._engine_counters = [
+            (counter("engine_steps", "Engine steps run (each: prompt chunks and/or one decode token per running "
+                     "sequence)."), "steps"),
+            (counter("engine_step_seconds", "Wall time the engine spent inside steps; over engine_steps, the mean "
+                     "step time."), "step_seconds"),
+            (counter("engine_overlapped_decode_steps", "Decode steps launched on the previous step's tokens on the "
+                     "device while the host finished that step."), "overlapped_steps"),
+            (counter("engine_kernel_builds", "Triton kernels built inside engine steps (each stalls its step): "
+                     "launch shapes the start-up warm-up did not meet."), "kernel_builds"),
+            (counter("engine_kernel_build_seconds", "Time engine steps spent building Triton kernels."),
+             "kernel_build_seconds"),
+        ]
         self._engine_seen = EngineStats(0, 0, 0, 0)  # the counters' values at the last scrape
         self._children: dict[tuple, object] = {}  # (metric, extra label values) -> its child for this model
-
 
     def render(self, stats: EngineStats) -> bytes:
         self.running.labels(self._model).set(stats.num_running)
@@ -73,12 +75,8 @@ class Metrics:
         self.slot_usage.labels(self._model).set(stats.slots_used / max(stats.slots_total, 1))
         # The engine keeps running totals; a counter moves by what changed since the last scrape.
         seen = self._engine_seen
-        self.engine_steps.labels(self._model).inc(max(stats.steps - seen.steps, 0))
-        self.engine_step_seconds.labels(self._model).inc(max(stats.step_seconds - seen.step_seconds, 0.0))
-        self.overlapped_steps.labels(self._model).inc(max(stats.overlapped_steps - seen.overlapped_steps, 0))
-        self.kernel_builds.labels(self._model).inc(max(stats.kernel_builds - seen.kernel_builds, 0))
-        self.kernel_build_seconds.labels(self._model).inc(
-            max(stats.kernel_build_seconds - seen.kernel_build_seconds, 0.0))
+        for metric, field in self._engine_counters:
+            self._child(metric).inc(max(getattr(stats, field) - getattr(seen, field), 0))
         self._engine_seen = stats
         return generate_latest(self.registry)
 
