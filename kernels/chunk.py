@@ -74,7 +74,6 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
         state_bv=min(bv, vp), state_warps=4, state_stages=3,
         out_bv=min(128, vp), out_bk=min(64, kp), out_warps=4, out_stages=3,
         wy_bk=min(32 if small_k else 64, kp), wy_bv=min(64, vp), wy_warps=2 if small_k else 4,
-        wy_solve="together",
     )
 
 
