@@ -118,17 +118,18 @@ class LLMEngine:
             # intra-op threads only add wake-ups, and they take cores the server's processes need: on an
             # H200 host, steps prefilling 2048 tokens took 38-54 ms with 16 threads, 20-26 ms with one.
             torch.set_num_threads(1)
-            self._warm_up()
         self.decode_step = self._make_decode_step()
+        if self.model.device.type == "cuda":
+            self._warm_up(decode_only=self.decode_step is None)
         overlap = config.overlap_decode if config.overlap_decode is not None else self.decode_step is not None
         self.overlap_decode = overlap and self.decode_step is not None
         self._in_flight: InFlightDecode | None = None
         self.counters = StepCounters()
         log.info("engine: %s", self.pool.describe())
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, decode_only: bool) -> None:
         try:
-            warm_up(self.model, self.pool, self.scheduler.max_num_seqs)
+            warm_up(self.model, self.pool, self.scheduler.max_num_seqs, decode_only)
         except Exception as err:  # only a start-up saving: serve without it (kernels then build on first use)
             log.warning("kernel warm-up failed, continuing without it: %s", err)
             self.pool.clear_scratch()

@@ -4,10 +4,11 @@ Some launch shapes depend on how many sequences a step holds (kernels/chunk.py p
 state pass's V blocks; kernels/recurrent.py decode_launch_config: V blocks and warps), and Triton
 builds a kernel the first time it meets a new shape, in the middle of a step: a py-spy trace of the
 engine process behind the HTTP server on an H200 spent a fifth of its samples building kernels.
-Requests arriving one by one make steps of every size. Decode-only
+Requests arriving one by one make steps of every size. With decode CUDA graphs, decode-only
 steps are covered already (engine/cuda_graphs.py captures every batch size at start-up); this runs
 the eager forward once per distinct shape of the other steps: prompt chunks alone, and one-token
-sequences (decodes) mixed with a chunk. Every sequence of those forwards is on the pool's scratch
+sequences (decodes) mixed with a chunk; without graphs, also decode-only steps (the decode kernels'
+and the decode attention's split count change with the batch size). Every sequence of those forwards is on the pool's scratch
 slot, which is cleared afterwards: no request's state is read or written.
 """
 
@@ -36,10 +37,13 @@ def first_of_each(shape_of, max_n: int) -> list[int]:
     return firsts
 
 
-def mixed_step_batches(model: HybridLM, pool: SlotPool, max_seqs: int) -> list[list[int]]:
+def mixed_step_batches(model: HybridLM, pool: SlotPool, max_seqs: int,
+                       decode_only: bool = False) -> list[list[int]]:
     """Sequence lengths of the forwards that meet every launch shape: n two-token chunks for each
     distinct chunk-kernel shape, and d one-token sequences before one chunk for each distinct
-    single-token kernel shape (the triton backend runs those through the decode kernels)."""
+    single-token kernel shape (the triton backend runs those through the decode kernels); with
+    decode_only (an engine without decode graphs), d one-token sequences alone for each distinct
+    shape of a decode-only step."""
     gdn = model.config.gdn
     if model.backend != "triton" or gdn is None or not any(r is not None for r in pool.recurrent):
         return []
@@ -54,13 +58,30 @@ def mixed_step_batches(model: HybridLM, pool: SlotPool, max_seqs: int) -> list[l
     # 16 bytes, odd and even d give differently aligned pointers, which Triton builds apart.
     if max_seqs >= 2 and 2 not in singles:
         singles.append(2)
-    return [[2] * n for n in chunks] + [[1] * d + [2] for d in singles]
+    batches = [[2] * n for n in chunks] + [[1] * d + [2] for d in singles]
+    if decode_only:
+        batches += [[1] * d for d in first_of_each(lambda d: decode_only_shape(model, pool, d), max_seqs)]
+    return batches
+
+
+def decode_only_shape(model: HybridLM, pool: SlotPool, d: int) -> tuple:
+    """What a decode-only step of d sequences compiles by: the decode kernels' launch shape and, with
+    attention layers, the decode attention's number of key splits."""
+    from kernels.decode_attention import num_splits
+    from kernels.recurrent import decode_launch_config
+
+    gdn, attn = model.config.gdn, model.config.attention
+    shape = decode_launch_config(d, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, model.device,
+                                 pool.state_dtype.itemsize)
+    if attn is None or pool.max_len is None:
+        return shape
+    return shape, num_splits(d, attn.num_kv_heads, pool.max_len, model.device)
 
 
 @torch.inference_mode()
-def warm_up(model: HybridLM, pool: SlotPool, max_seqs: int) -> int:
+def warm_up(model: HybridLM, pool: SlotPool, max_seqs: int, decode_only: bool = False) -> int:
     """Run the forwards of mixed_step_batches on the scratch slot; returns how many ran."""
-    batches = mixed_step_batches(model, pool, max_seqs)
+    batches = mixed_step_batches(model, pool, max_seqs, decode_only)
     if not batches:
         return 0
     log.info("building the kernels of %d mixed-step shapes (once per start; Triton caches them on disk)",

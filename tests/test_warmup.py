@@ -46,8 +46,9 @@ def test_batches_cover_every_launch_shape_up_to_the_batch_limit(models):
     assert mixed_step_batches(models["torch"], models["torch"].new_pool(4), 300) == []  # nothing to build
 
 
+@pytest.mark.parametrize("decode_only", [False, True])
 @pytest.mark.parametrize("max_len", [64, 2])  # 2: the shortest context the CLI allows
-def test_warm_up_touches_no_request_slot_and_clears_the_scratch_row(models, max_len):
+def test_warm_up_touches_no_request_slot_and_clears_the_scratch_row(models, max_len, decode_only):
     model = models["triton"]
     pool = model.new_pool(3, max_len)
     slot = pool.allocate()
@@ -55,10 +56,27 @@ def test_warm_up_touches_no_request_slot_and_clears_the_scratch_row(models, max_
     prompt = torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(0))
     model(prompt, Batch.build([length], [slot], [0], model.device), pool)  # a request's state in its slot
     before = [t.clone() for t in pool.recurrent + pool.conv + pool.keys + pool.values if t is not None]
-    assert warm_up(model, pool, 3) == len(mixed_step_batches(model, pool, 3)) > 0
+    assert warm_up(model, pool, 3, decode_only) == len(mixed_step_batches(model, pool, 3, decode_only)) > 0
     after = [t for t in pool.recurrent + pool.conv + pool.keys + pool.values if t is not None]
     for old, new in zip(before, after):
         assert torch.equal(old[:pool.scratch], new[:pool.scratch])  # every real slot, bit for bit
     for state in pool.recurrent + pool.conv:
         if state is not None:
             assert not state[pool.scratch].any()
+
+
+def test_without_decode_graphs_decode_only_steps_of_every_shape_are_built_too(models):
+    """An engine without decode graphs runs decode-only steps eagerly: their launch shapes (the
+    decode kernels' and the decode attention's split count) must be built at start-up as well."""
+    from engine.warmup import decode_only_shape
+
+    model = models["triton"]
+    pool = model.new_pool(4, 4096)
+    with_graphs = mixed_step_batches(model, pool, 300)
+    batches = mixed_step_batches(model, pool, 300, decode_only=True)
+    assert batches[:len(with_graphs)] == with_graphs
+    decode_ns = [len(lens) for lens in batches[len(with_graphs):]]
+    assert decode_ns and all(set(lens) == {1} for lens in batches[len(with_graphs):])
+    every = {decode_only_shape(model, pool, d) for d in range(1, 301)}
+    assert {decode_only_shape(model, pool, d) for d in decode_ns} == every
+    assert len({shape[1] for shape in every}) > 1  # split counts do vary with the batch here
