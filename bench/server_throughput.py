@@ -22,6 +22,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,8 +64,14 @@ _METRIC_OF = {"steps": "deltaserve:engine_steps_total", "step_seconds": "deltase
               "ttft_count": "deltaserve:time_to_first_token_seconds_count"}
 
 
-def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> tuple[float, dict]:
-    """Generated tok/s of the engine stepped in this process, and its step counters over the timed run."""
+def burst_seed(repeat: int) -> int:
+    """The prompts' seed of timed burst `repeat` (the same for the engine alone and HTTP; 1 is the warm-up's)."""
+    return 0 if repeat == 0 else 10 + repeat
+
+
+def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int,
+                 repeats: int = 1) -> list[tuple[float, dict]]:
+    """Per timed burst: generated tok/s of the engine stepped in this process, and its step counters."""
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=max(2048, concurrency)))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
@@ -80,9 +87,12 @@ def engine_alone(loaded, concurrency: int, prompt_len: int, max_tokens: int) -> 
         return tokens, time.perf_counter() - start
 
     run(prompts(concurrency, prompt_len, seed=1), "warm")  # compiles kernels for these shapes
-    before = {name: getattr(engine.counters, name) for name in _COUNTERS}
-    tokens, seconds = run(prompts(concurrency, prompt_len), "r")
-    return tokens / seconds, {name: getattr(engine.counters, name) - before[name] for name in _COUNTERS}
+    bursts = []
+    for repeat in range(repeats):
+        before = {name: getattr(engine.counters, name) for name in _COUNTERS}
+        tokens, seconds = run(prompts(concurrency, prompt_len, burst_seed(repeat)), f"r{repeat}-")
+        bursts.append((tokens / seconds, {name: getattr(engine.counters, name) - before[name] for name in _COUNTERS}))
+    return bursts
 
 
 def _server_engine_counters(url: str) -> dict:
@@ -191,6 +201,30 @@ def http_streams(url: str, concurrency: int, prompt_len: int, max_tokens: int, s
             "client_cpu_share": sum(p[4] for p in parts) / wall}
 
 
+def report_row(concurrency: int, engine_tps: float, alone_counters: dict, http: dict) -> dict:
+    """Print one burst's comparison (throughput, server and client CPU, timeline, step counters); its row."""
+    http_tps = http.pop("tok_s")
+    us = http["server_cpu_us_per_token"]
+    print(f"C={concurrency:4d}  engine {engine_tps:9.0f} tok/s  http {http_tps:9.0f} tok/s  "
+          f"ratio {http_tps / engine_tps:.3f}  | server process {us or float('nan'):5.1f} CPU us/token, "
+          f"busy {http['server_cpu_share'] or float('nan'):.2f}; clients busy {http['client_cpu_share']:.2f}; "
+          f"{http['tokens_per_event']:.2f} tokens/event", flush=True)
+    first, last = http["timeline"]["first_bytes_s"], http["timeline"]["last_bytes_s"]
+    print(f"        streams' first bytes at {first[0]:.3f} / {first[1]:.3f} / {first[2]:.3f} s (min / median / "
+          f"max), last at {last[0]:.3f} / {last[1]:.3f} / {last[2]:.3f} s; mean first bytes "
+          f"{http['timeline']['mean_first_bytes_s']:.3f} s, mean TTFT the server saw "
+          f"{http['timeline']['server_mean_ttft_s']:.3f} s (the difference: before its handler ran)",
+          flush=True)
+    for where, n in (("alone", alone_counters), ("server", http["engine_counters"])):
+        # Same work both ways: more steps, or longer ones, behind the server say where the time went.
+        print(f"        engine {where:6s}: {n['steps']:6.0f} steps, {n['step_seconds']:6.3f} s in steps "
+              f"({1e3 * n['step_seconds'] / max(n['steps'], 1):.3f} ms each), "
+              f"{n['overlapped_steps']:.0f} overlapped, {n['kernel_builds']:.0f} kernels built in steps "
+              f"({n['kernel_build_seconds']:.2f} s)", flush=True)
+    return {"concurrency": concurrency, "engine_tok_s": engine_tps, "http_tok_s": http_tps,
+            "ratio": http_tps / engine_tps, "engine_alone_counters": alone_counters, **http}
+
+
 def serve(model_dir: Path, device: str, concurrency: int, port: int, engine_process: str | None) -> subprocess.Popen:
     options = [] if engine_process is None else ["--engine-process", engine_process]
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(port),
@@ -226,6 +260,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model: checks the bench runs, on CPU too")
     parser.add_argument("--engine-process", choices=["auto", "on", "off"], default=None,
                         help="passed to the server (default: the server's own default)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed bursts per concurrency, both ways (a short burst's ratio varies run to run: "
+                             "the median and the lowest are printed)")
     args = parser.parse_args()
 
     config = TINY if args.tiny else CONFIG
@@ -234,35 +271,23 @@ def main() -> None:
     loaded = load_model(model_dir, device=args.device)
     rows = []
     for c in args.concurrency:
-        engine_tps, alone_counters = engine_alone(loaded, c, args.prompt_len, args.max_tokens)
+        alone = engine_alone(loaded, c, args.prompt_len, args.max_tokens, args.repeats)
         proc = serve(model_dir, args.device, c, args.port, args.engine_process)
         try:
             url = f"http://127.0.0.1:{args.port}"
             http_streams(url, c, args.prompt_len, args.max_tokens, 1, proc.pid)  # warm-up: compiles kernels
-            http = http_streams(url, c, args.prompt_len, args.max_tokens, 0, proc.pid)
+            https = [http_streams(url, c, args.prompt_len, args.max_tokens, burst_seed(r), proc.pid)
+                     for r in range(args.repeats)]
         finally:
             proc.terminate()
             proc.wait(timeout=120)
-        http_tps = http.pop("tok_s")
-        rows.append({"concurrency": c, "engine_tok_s": engine_tps, "http_tok_s": http_tps,
-                     "ratio": http_tps / engine_tps, "engine_alone_counters": alone_counters, **http})
-        us = http["server_cpu_us_per_token"]
-        print(f"C={c:4d}  engine {engine_tps:9.0f} tok/s  http {http_tps:9.0f} tok/s  "
-              f"ratio {http_tps / engine_tps:.3f}  | server process {us or float('nan'):5.1f} CPU us/token, "
-              f"busy {http['server_cpu_share'] or float('nan'):.2f}; clients busy {http['client_cpu_share']:.2f}; "
-              f"{http['tokens_per_event']:.2f} tokens/event", flush=True)
-        first, last = http["timeline"]["first_bytes_s"], http["timeline"]["last_bytes_s"]
-        print(f"        streams' first bytes at {first[0]:.3f} / {first[1]:.3f} / {first[2]:.3f} s (min / median / "
-              f"max), last at {last[0]:.3f} / {last[1]:.3f} / {last[2]:.3f} s; mean first bytes "
-              f"{http['timeline']['mean_first_bytes_s']:.3f} s, mean TTFT the server saw "
-              f"{http['timeline']['server_mean_ttft_s']:.3f} s (the difference: before its handler ran)",
-              flush=True)
-        for where, n in (("alone", alone_counters), ("server", http["engine_counters"])):
-            # Same work both ways: more steps, or longer ones, behind the server say where the time went.
-            print(f"        engine {where:6s}: {n['steps']:6.0f} steps, {n['step_seconds']:6.3f} s in steps "
-                  f"({1e3 * n['step_seconds'] / max(n['steps'], 1):.3f} ms each), "
-                  f"{n['overlapped_steps']:.0f} overlapped, {n['kernel_builds']:.0f} kernels built in steps "
-                  f"({n['kernel_build_seconds']:.2f} s)", flush=True)
+        ratios = []
+        for (engine_tps, alone_counters), http in zip(alone, https):
+            rows.append(report_row(c, engine_tps, alone_counters, http))
+            ratios.append(rows[-1]["ratio"])
+        if len(ratios) > 1:
+            print(f"C={c:4d}  ratio over {len(ratios)} bursts: median {statistics.median(ratios):.3f}, "
+                  f"lowest {min(ratios):.3f}, highest {max(ratios):.3f}", flush=True)
     card = torch.cuda.get_device_name() if loaded.model.device.type == "cuda" else "cpu"
     result = {"card": card, "torch": torch.__version__, "config": config, "engine_process": args.engine_process,
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "rows": rows}
