@@ -112,6 +112,32 @@ def _causal_conv1d_prefill_kernel(
 
 
 @triton.jit
+def _conv_step(x_row, weight, taps, o_d, mask_d, live, W: tl.constexpr, TAPS: tl.constexpr):
+    """One token's conv over channels o_d ([BD]), before bias and activation, in fp32; their taps
+    advance in place. x_row: the token's row of x; taps: the slot's [D, W-1] conv state; live: [BD]
+    int1, the channels whose taps are read and written (padding: neither; the output is then
+    meaningless and the caller drops it). The caller must be these channels' only reader and
+    writer in the launch: the taps are rolled in place."""
+    p_state = taps + o_d * (W - 1)  # [BD] each channel's oldest tap
+    b_x = tl.load(x_row + o_d, mask=mask_d, other=0).to(tl.float32)
+    acc = b_x * tl.load(weight + o_d * W + (W - 1), mask=mask_d, other=0).to(tl.float32)
+
+    # window = [state taps 0 .. W-2, x]; the new state is window[1:].
+    o_j = tl.arange(0, TAPS)
+    mask_j = o_j < W - 1
+    m_state = mask_j[:, None] & live[None, :]
+    s = tl.load(p_state[None, :] + o_j[:, None], mask=m_state, other=0).to(tl.float32)  # [TAPS, BD]
+    w = tl.load(weight + o_d[None, :] * W + o_j[:, None], mask=mask_j[:, None] & mask_d[None, :], other=0)
+    acc += tl.sum(s * w.to(tl.float32), 0)
+    m_next = (o_j < W - 2)[:, None] & live[None, :]
+    s_next = tl.load(p_state[None, :] + (o_j + 1)[:, None], mask=m_next, other=0).to(tl.float32)
+    new_state = tl.where((o_j == W - 2)[:, None], b_x[None, :], s_next)
+    tl.debug_barrier()  # every thread has read the taps before any is overwritten
+    tl.store(p_state[None, :] + o_j[:, None], new_state.to(taps.dtype.element_ty), mask=m_state)
+    return acc
+
+
+@triton.jit
 def _causal_conv1d_step_kernel(
     x,  # [N, D], last dim contiguous
     weight,  # [D, W], contiguous
@@ -133,26 +159,9 @@ def _causal_conv1d_step_kernel(
     mask_d = o_d < D
     slot, slot_ok = _slot_of(slot_ids, i_n, o_d)
     live = mask_d & slot_ok
-    p_state = conv_pool + slot * (D * (W - 1)) + o_d * (W - 1)  # [BD]
-
-    b_x = tl.load(x + i_n * stride_x_n + o_d, mask=mask_d, other=0).to(tl.float32)
-    acc = b_x * tl.load(weight + o_d * W + (W - 1), mask=mask_d, other=0).to(tl.float32)
+    acc = _conv_step(x + i_n * stride_x_n, weight, conv_pool + slot * (D * (W - 1)), o_d, mask_d, live, W, TAPS)
     if HAS_BIAS:
         acc += tl.load(bias + o_d, mask=mask_d, other=0).to(tl.float32)
-
-    # window = [state taps 0 .. W-2, x]; the new state is window[1:].
-    o_j = tl.arange(0, TAPS)
-    mask_j = o_j < W - 1
-    m_state = mask_j[:, None] & live[None, :]
-    s = tl.load(p_state[None, :] + o_j[:, None], mask=m_state, other=0).to(tl.float32)  # [TAPS, BD]
-    w = tl.load(weight + o_d[None, :] * W + o_j[:, None], mask=mask_j[:, None] & mask_d[None, :], other=0)
-    acc += tl.sum(s * w.to(tl.float32), 0)
-    m_next = (o_j < W - 2)[:, None] & live[None, :]
-    s_next = tl.load(p_state[None, :] + (o_j + 1)[:, None], mask=m_next, other=0).to(tl.float32)
-    new_state = tl.where((o_j == W - 2)[:, None], b_x[None, :], s_next)
-    tl.debug_barrier()
-    tl.store(p_state[None, :] + o_j[:, None], new_state.to(conv_pool.dtype.element_ty), mask=m_state)
-
     if SILU:
         acc = _silu(acc)
     acc = tl.where(live, acc, 0.0)

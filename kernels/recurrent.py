@@ -33,6 +33,31 @@ from torch import Tensor
 
 
 @triton.jit
+def _gates(b_a, b_b, b_A_log, b_dt_bias):
+    """(decay = exp(g), beta) in fp32 from the raw gate inputs of one value head."""
+    # softplus with torch's threshold; the select keeps exp's overflow out of the result.
+    x = b_a + b_dt_bias
+    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    return tl.exp(-tl.exp(b_A_log) * softplus), 1.0 / (1.0 + tl.exp(-b_b))
+
+
+@triton.jit
+def _update_tile(p_s, mask_s, b_q, b_k, b_v, decay, beta):
+    """Advance one [BK, BV] tile of a state in place (p_s: its pointers, mask_s: what is loaded and
+    stored) by the token's q, k [BK] and v [BV] in fp32; returns the tile's output o [BV] in fp32."""
+    b_s = tl.load(p_s, mask=mask_s, other=0).to(tl.float32)  # [BK, BV]
+    # Both K-reductions read the state as loaded; the decay and the rank-one update are folded
+    # in afterwards: (d S + k delta^T)^T q = d S^T q + (k . q) delta.
+    s_k = tl.sum(b_s * b_k[:, None], 0)  # [BV]
+    s_q = tl.sum(b_s * b_q[:, None], 0)  # [BV]
+    delta = beta * (b_v - decay * s_k)
+    b_o = decay * s_q + tl.sum(b_k * b_q) * delta
+    b_s = b_s * decay + b_k[:, None] * delta[None, :]
+    tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=mask_s)
+    return b_o
+
+
+@triton.jit
 def _fused_recurrent_decode_kernel(
     q,  # [N, H, K]
     k,  # [N, H, K]
@@ -82,16 +107,9 @@ def _fused_recurrent_decode_kernel(
     b_q = tl.load(q + i_n * stride_q_n + i_h * stride_q_h + o_k, mask=mask_k, other=0).to(tl.float32)
     b_k = tl.load(k + i_n * stride_k_n + i_h * stride_k_h + o_k, mask=mask_k, other=0).to(tl.float32)
     b_v = tl.load(v + i_n * stride_v_n + i_hv * stride_v_h + o_v, mask=mask_v, other=0).to(tl.float32)
-    b_a = tl.load(a + i_n * stride_a_n + i_hv).to(tl.float32)
-    b_b = tl.load(b + i_n * stride_b_n + i_hv).to(tl.float32)
-    b_A_log = tl.load(A_log + i_hv).to(tl.float32)
-    b_dt_bias = tl.load(dt_bias + i_hv).to(tl.float32)
-
-    # softplus with torch's threshold; the select keeps exp's overflow out of the result.
-    x = b_a + b_dt_bias
-    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-    decay = tl.exp(-tl.exp(b_A_log) * softplus)
-    beta = 1.0 / (1.0 + tl.exp(-b_b))
+    decay, beta = _gates(tl.load(a + i_n * stride_a_n + i_hv).to(tl.float32),
+                         tl.load(b + i_n * stride_b_n + i_hv).to(tl.float32),
+                         tl.load(A_log + i_hv).to(tl.float32), tl.load(dt_bias + i_hv).to(tl.float32))
 
     if USE_QK_L2NORM:
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
@@ -103,16 +121,7 @@ def _fused_recurrent_decode_kernel(
     mask_s = ((o_k * 0 + slot) >= 0)[:, None] & mask_k[:, None] & mask_v[None, :]
     slot = tl.maximum(slot, 0)
     p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.load(p_s, mask=mask_s, other=0).to(tl.float32)  # [BK, BV]
-
-    # Both K-reductions read the state as loaded; the decay and the rank-one update are folded
-    # in afterwards: (d S + k delta^T)^T q = d S^T q + (k . q) delta.
-    s_k = tl.sum(b_s * b_k[:, None], 0)  # [BV]
-    s_q = tl.sum(b_s * b_q[:, None], 0)  # [BV]
-    delta = beta * (b_v - decay * s_k)
-    b_o = decay * s_q + tl.sum(b_k * b_q) * delta
-    b_s = b_s * decay + b_k[:, None] * delta[None, :]
-    tl.store(p_s, b_s.to(state_pool.dtype.element_ty), mask=mask_s)
+    b_o = _update_tile(p_s, mask_s, b_q, b_k, b_v, decay, beta)
 
     b_o = tl.where(valid, b_o, 0.0)
     tl.store(o + i_nh * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)

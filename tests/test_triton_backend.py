@@ -74,7 +74,16 @@ def qwen_pair(tmp_path_factory):
     return [load_model(folder, device="cpu", backend=b).model for b in ("torch", "triton")]
 
 
-def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_step(qwen_pair):
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_step(qwen_pair, fused, monkeypatch):
+    # fused: decode-only steps take the one-launch conv -> delta rule -> gated norm kernel whatever their
+    # size (on a GPU only batches that fill it do).
+    import kernels.gdn_decode
+    fused_batches = []
+    conv_decode_norm = kernels.gdn_decode.conv_decode_norm
+    monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: fused)
+    monkeypatch.setattr(kernels.gdn_decode, "conv_decode_norm",
+                        lambda x, *a, **k: fused_batches.append(x.shape[0]) or conv_decode_norm(x, *a, **k))
     lens, slots = [6, 33, 2], [0, 2, 1]
     prompts = torch.randint(0, 384, (sum(lens),), generator=torch.Generator().manual_seed(3))
     results = []
@@ -93,9 +102,14 @@ def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_
         ids = torch.randint(0, 384, (sum(sizes),), generator=torch.Generator().manual_seed(4))
         outs.append(model.logits(model(ids, Batch.build(sizes, slots, positions, model.device), pool)))
         results.append((outs, pool))
+    # 3 Gated DeltaNet layers in each of the 3 padded decode steps
+    assert fused_batches == ([4] * 3 * 3 if fused else [])
     (expected, ref_pool), (got, pool) = results
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4)
+    for layer in range(3):
+        torch.testing.assert_close(pool.recurrent[layer], ref_pool.recurrent[layer], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pool.conv[layer], ref_pool.conv[layer])
     attn = 3
     torch.testing.assert_close(pool.keys[attn], ref_pool.keys[attn], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pool.values[attn], ref_pool.values[attn], atol=1e-4, rtol=1e-4)

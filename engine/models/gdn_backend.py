@@ -8,17 +8,41 @@ pool's dtype (fp32 or bf16) and round only the states they store back.
 
 On "triton", a mixed step (decodes and prompt chunks) runs its decodes through the single-token
 kernels and only the chunks through the chunkwise ones: in the chunk kernels every one-token
-sequence would cost a whole 64-token chunk's work and its own launch programs.
+sequence would cost a whole 64-token chunk's work and its own launch programs. A decode-only step
+large enough to fill the GPU runs conv, delta rule and gated norm as one kernel (`fused_decode`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.config import GDNSpec
 from engine.models.state import Batch
 from kernels import reference
 
 BACKENDS = ("torch", "triton")
+
+
+def fuses_decode(spec: GDNSpec, batch: Batch, backend: str, device: torch.device) -> bool:
+    """Whether this step's conv, delta rule and gated norm run as fused_decode: a decode-only step on
+    triton whose layer has the fused kernel's form (silu output gate, beta in (0, 1)) and whose batch
+    is large enough for it (kernels/gdn_decode.use_fused_decode)."""
+    if backend != "triton" or not batch.decode_only or spec.allow_neg_eigval:
+        return False
+    if not spec.use_gate or spec.gate_activation != "silu":
+        return False
+    from kernels.gdn_decode import use_fused_decode
+    return use_fused_decode(len(batch.lens), spec.num_k_heads, spec.head_k_dim, spec.head_v_dim, device)
+
+
+def fused_decode(spec: GDNSpec, qkv: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+                 batch: Batch, conv_pool: torch.Tensor, state_pool: torch.Tensor) -> torch.Tensor:
+    """gated_rms_norm(delta_rule(short_conv(qkv)), z) in one launch: qkv [T, conv_dim] pre-conv,
+    z [T, HV, V], a, b [T, HV] -> [T, HV, V]; the batch's conv taps and states advance."""
+    from kernels.gdn_decode import conv_decode_norm
+    return conv_decode_norm(qkv, conv_weight, conv_pool, z, a, b, A_log, dt_bias, norm_weight, state_pool,
+                            batch.slot_ids, num_k_heads=spec.num_k_heads, eps=spec.norm_eps)
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, batch: Batch, conv_pool: torch.Tensor,

@@ -87,6 +87,12 @@ class GatedDeltaNet(nn.Module):
         proj = x @ self.in_proj.t()
         qkv, z, b, a = proj.split([s.conv_dim, self.z_dim, s.num_v_heads, s.num_v_heads], dim=-1)
 
+        gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
+        if gdn_backend.fuses_decode(s, batch, self.backend, x.device):
+            o = gdn_backend.fused_decode(s, qkv, gate, a, b, self.conv_weight, self.A_log, self.dt_bias,
+                                         self.norm_weight, batch, pool.conv[layer], pool.recurrent[layer])
+            return o.reshape(T, s.value_dim) @ self.out_proj.t()
+
         decode_only = batch.decode_only
         qkv = gdn_backend.short_conv(qkv, self.conv_weight, batch, pool.conv[layer], decode_only, self.backend)
         q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
@@ -96,7 +102,6 @@ class GatedDeltaNet(nn.Module):
         o = gdn_backend.delta_rule(q, k, v, a, b, self.A_log, self.dt_bias, s.allow_neg_eigval, batch,
                                    pool.recurrent[layer], decode_only, self.backend)
 
-        gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
         o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation, self.backend)
         return o.reshape(T, s.value_dim) @ self.out_proj.t()
 
