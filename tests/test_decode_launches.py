@@ -33,3 +33,16 @@ def test_a_triton_decode_step_launches_the_fused_kernels_and_no_more(model, batc
     assert counts["cos"] == counts["sin"] == 1
     assert counts["linear"] == attn  # q, k and v in one matmul
     assert sum(counts.values()) <= 270, counts
+
+
+def test_a_decode_step_large_enough_for_the_fused_gdn_kernel_launches_one_per_layer(model, monkeypatch):
+    # A batch that fills the GPU (kernels/gdn_decode.use_fused_decode, here forced for a CPU-sized batch):
+    # conv, delta rule and gated norm are one launch per Gated DeltaNet layer.
+    import kernels.gdn_decode
+    monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: True)
+    counts = count_decode_step(model, 4).counts
+    gdn = 18
+    assert counts["triton:_conv_decode_norm_kernel"] == gdn
+    for unfused in ("_causal_conv1d_step_kernel", "_fused_recurrent_decode_kernel", "_gated_rms_norm_kernel"):
+        assert counts[f"triton:{unfused}"] == 0
+    assert sum(counts.values()) <= 270 - 2 * gdn, counts
