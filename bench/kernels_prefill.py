@@ -290,6 +290,33 @@ def run_sweep(ours, base, K, V, det):
     return cfg, rows
 
 
+def parse_variants(text):
+    """'wy_share_k=False;wy_warps=4,wy_bk=64' -> [{'wy_share_k': False}, {'wy_warps': 4, 'wy_bk': 64}]."""
+    def value(x):
+        return {"True": True, "False": False}.get(x, int(x) if x.lstrip("-").isdigit() else x)
+    return [{f: value(x) for f, x in (kv.split("=") for kv in spec.split(","))}
+            for spec in text.split(";") if spec]
+
+
+def time_variants(ours, base, variants, det, run, row):
+    """Graph time, determinism and bit difference from base's results (o and final states, from
+    the same initial pool) of each variant of base; appended to row["variants"]."""
+    o_base, s_base = run(base)
+    for spec in variants:
+        c = replace(base, **spec)
+        t = bench_graph(lambda: ours(c))
+        o, s = run(c)
+        d = det(c)
+        v = {"variant": spec, "graph_ms": t, "det": det_text(d), "det_diff": sum(d.values()),
+             "differs_from_base": _differ(o, o_base) + _differ(s, s_base)}
+        if row.get("fla_graph_ms") and t:
+            v["graph_ratio"] = row["fla_graph_ms"] / t
+        print(f"  variant {spec}: graph {t:.3f} ms (base {row['ours_graph_ms']:.3f})"
+              + (f", fla/variant {v['graph_ratio']:.2f}x" if "graph_ratio" in v else "")
+              + f", {v['det']}, elements differing from base: {v['differs_from_base']}", flush=True)
+        row.setdefault("variants", []).append(v)
+
+
 def sass_report(wy_solve=""):
     """Compile the three kernels for sm_90 (no GPU needed: Triton's bundled ptxas) at each
     shape's launch shapes and print registers, spill stack and SASS counts from cuobjdump."""
@@ -305,7 +332,7 @@ def sass_report(wy_solve=""):
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     ptr = {"cu_seqlens": "*i64", "chunk_start": "*i64", "chunk_seq": "*i32", "slot_ids": "*i64",
            "has_initial_state": "*i1", "N": "i64", "scale": "fp32", "g": "*fp32", "G": "*fp32",
-           "rk": "*fp32", "scratch": "*fp32", "state_pool": "*fp32"}
+           "rk": "*fp32", "scratch": "*fp32", "gram": "*fp32", "state_pool": "*fp32"}
 
     def build(fn, consts, num_warps, num_stages=2):
         sig = {n: "constexpr" if n in consts else ptr.get(n, "*bf16") for n in fn.arg_names}
@@ -334,6 +361,7 @@ def sass_report(wy_solve=""):
         print(f"H{H} HV{HV} K{K} V{V}: {cfg}")
         common = dict(H=H, HV=HV, K=K, V=V, F32=False)
         build(_wy_kernel, dict(common, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=True, EPS=1e-6,
+                               NH=HV // H if cfg.wy_share_k else 1,
                                SOLVE_TOGETHER=cfg.wy_solve == "together"), cfg.wy_warps,
               cfg.wy_stages)
         two_k = K > 128 or cfg.state_split
@@ -356,6 +384,10 @@ def main():
     ap.add_argument("--check-fla", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--wy-solve", default="", help="override ChunkConfig.wy_solve everywhere")
+    ap.add_argument("--variants", default="",
+                    help="also time these ChunkConfig changes per row, e.g. "
+                         "'wy_share_k=False;wy_warps=4,wy_bk=64' (graph time, determinism, and "
+                         "how many output and state elements differ from the row's config)")
     ap.add_argument("--sass", action="store_true",
                     help="no GPU: compile for sm_90 and print registers / spills / SASS counts")
     ap.add_argument("--warmup-only", action="store_true",
@@ -428,6 +460,9 @@ def main():
             if "graph_ratio" in row:
                 msg += f"  graph fla/ours {row['graph_ratio']:.2f}x"
             print(msg, flush=True)
+            if args.variants:
+                time_variants(ours, cfg, parse_variants(args.variants), det,
+                              lambda c: run_ours(q, k, v, g, beta, cu, h0, c), row)
             result["rows"].append(row)
             if args.profile and lname in ("T=8192", "16x4096"):
                 profile(lambda: ours(cfg), "ours")
@@ -442,6 +477,10 @@ def main():
             if os.environ.get("OUT"):
                 with open(os.path.join(os.environ["OUT"], f"prefill_{args.shape}.json"), "w") as f:
                     json.dump(result, f, indent=1)
+
+    for r in result["rows"]:
+        for x in r.get("variants", []):
+            r["det"][f"variant {x['variant']}"] = x["det_diff"]
 
     def mtok(r, key):
         return f"{r['T'] / r[key] / 1e3:.2f}" if r.get(key) else "-"

@@ -6,9 +6,9 @@ Packed varlen layout, as kernels/reference.py:
   state kernel carries it in fp32 and rounds only the final store to the pool's dtype).
 
 Three launches, all over chunks that never cross a sequence boundary:
-  1. kernels/chunk_wy.py     (chunk, value head), parallel: G (cumsum of g), 1/||k||,
-                             T = (I + A)^-1 kept on chip, w = T diag(beta exp G) K_hat,
-                             u = T diag(beta) V.
+  1. kernels/chunk_wy.py     (chunk, key head), parallel: 1/||k|| and K K^T once, then for
+                             each of its value heads G (cumsum of g), T = (I + A)^-1 kept on
+                             chip, w = T diag(beta exp G) K_hat, u = T diag(beta) V.
   2. kernels/chunk_state.py  (sequence, value head, V block), sequential over the sequence's
                              chunks: carries the fp32 state, writes each chunk's entering state
                              h[c] (input dtype) and v_new = u - w h[c]; final state to its slot.
@@ -52,6 +52,7 @@ class ChunkConfig:
     wy_warps: int = 4
     wy_stages: int = 3
     wy_solve: str = "together"  # (I + A)^-1: "together" or "blocks" (kernels/chunk_wy.py)
+    wy_share_k: bool = True  # one WY program per key head runs its HV / H value heads (K K^T once)
 
 
 def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
@@ -171,12 +172,14 @@ def launch_wy(k: Tensor, v: Tensor, g: Tensor, beta: Tensor, plan: ChunkPlan, cf
     rk = torch.empty(T, H, dtype=torch.float32, device=dev)  # 1 / ||k|| (1 without l2norm)
     w = torch.empty(T, HV, K, dtype=dtype, device=dev)
     u = torch.empty(T, HV, V, dtype=dtype, device=dev)
+    NH = HV // H if cfg.wy_share_k else 1  # value heads per program
     scratch = torch.empty(NC, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    cfg = _launch_fitting(cfg, "wy", lambda c: _wy_kernel[(NC, HV)](
-        k, v, g, beta, G, rk, w, u, scratch, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N,
-        H=H, HV=HV, K=K, V=V, BK=c.wy_bk, BV=c.wy_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
-        F32=dev.type == "cpu", SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps,
-        num_stages=c.wy_stages,
+    gram = torch.empty(NC, H, CHUNK, CHUNK, dtype=torch.float32, device=dev) if NH > 1 else scratch
+    cfg = _launch_fitting(cfg, "wy", lambda c: _wy_kernel[(NC, HV // NH)](
+        k, v, g, beta, G, rk, w, u, scratch, gram, plan.cu_seqlens, plan.chunk_start,
+        plan.chunk_seq, N, H=H, HV=HV, K=K, V=V, BK=c.wy_bk, BV=c.wy_bv, NH=NH,
+        USE_L2=use_qk_l2norm, EPS=1e-6, F32=dev.type == "cpu",
+        SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps, num_stages=c.wy_stages,
     ))
     return cfg, G, rk, w, u
 
