@@ -77,15 +77,15 @@ def make_pool(h0):
 WY_SOLVE = ""  # --wy-solve
 
 
-def config_for(num_seqs, HV, K, V):
-    cfg = pick_config(num_seqs, HV, K, V)
+def config_for(num_seqs, H, HV, K, V):
+    cfg = pick_config(num_seqs, HV, K, V, H)
     return replace(cfg, wy_solve=WY_SOLVE) if WY_SOLVE else cfg
 
 
 def run_ours(q, k, v, g, beta, cu, h0, config=None):
     """Returns (o, final states)."""
     pool, slots, has = make_pool(h0)
-    config = config or config_for(cu.numel() - 1, v.shape[1], k.shape[2], v.shape[2])
+    config = config or config_for(cu.numel() - 1, k.shape[1], v.shape[1], k.shape[2], v.shape[2])
     o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has, config=config)
     return o, pool[slots]
 
@@ -355,7 +355,7 @@ def sass_report(wy_solve=""):
               f", cp.async {k.asm['ptx'].count('cp.async.')}", flush=True)
 
     for H, HV, K, V in SHAPES:
-        cfg = pick_config(1, HV, K, V)
+        cfg = pick_config(1, HV, K, V, H)
         if wy_solve:
             cfg = replace(cfg, wy_solve=wy_solve)
         print(f"H{H} HV{HV} K{K} V{V}: {cfg}")
@@ -368,7 +368,8 @@ def sass_report(wy_solve=""):
         bk = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
         build(_state_kernel, dict(common, BK=bk, TWO_K=two_k, BV=cfg.state_bv),
               cfg.state_warps, cfg.state_stages)
-        build(_output_kernel, dict(common, BK=cfg.out_bk, BV=cfg.out_bv, USE_L2=True, EPS=1e-6),
+        build(_output_kernel, dict(common, BK=cfg.out_bk, BV=cfg.out_bv, USE_L2=True, EPS=1e-6,
+                                   NH=HV // H if cfg.out_share_k else 1),
               cfg.out_warps, cfg.out_stages)
 
 
@@ -420,7 +421,7 @@ def main():
         for (H, HV, K, V), (lname, lengths) in itertools.product(shapes, layouts):
             q, k, v, g, beta, cu, h0 = make_inputs(lengths, H, HV, K, V)
             T = q.shape[0]
-            cfg = config_for(len(lengths), HV, K, V)
+            cfg = config_for(len(lengths), H, HV, K, V)
             pool, slots, has = make_pool(h0)
             plan = plan_chunks(cu, T)
 

@@ -12,7 +12,8 @@ Three launches, all over chunks that never cross a sequence boundary:
   2. kernels/chunk_state.py  (sequence, value head, V block), sequential over the sequence's
                              chunks: carries the fp32 state, writes each chunk's entering state
                              h[c] (input dtype) and v_new = u - w h[c]; final state to its slot.
-  3. kernels/chunk_output.py (chunk, V block, value head), parallel:
+  3. kernels/chunk_output.py (chunk, V block, key head: its value heads one after the other),
+                             parallel:
                              o = s (Q_hat exp G) h[c] + s (Q_hat K_hat^T * decay, causal) v_new.
 q and k are never normalised in memory: the l2norm is a per-row scale applied to the products.
 G is kept in log2 units (multiplied by log2 e) so every decay is one exp2, and every exponent that
@@ -47,6 +48,7 @@ class ChunkConfig:
     out_bk: int = 64  # K is looped in blocks of out_bk
     out_warps: int = 4
     out_stages: int = 3
+    out_share_k: bool = True  # one output program per key head runs its HV / H value heads (Q K^T once)
     wy_bk: int = 64
     wy_bv: int = 64
     wy_warps: int = 4
@@ -55,7 +57,7 @@ class ChunkConfig:
     wy_share_k: bool = True  # one WY program per key head runs its HV / H value heads (K K^T once)
 
 
-def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
+def pick_config(num_seqs: int, HV: int, K: int, V: int, H: int | None = None) -> ChunkConfig:
     """Launch shapes from sweeps on an H200 (Triton 3.6, docs/performance.md): the state pass
     takes V blocks of 64 where that still gives two programs per SM (many sequences: 10% less
     time at 16 x 4096), else 32, and 16 when V blocks of 32 would leave over half the SMs idle
@@ -63,7 +65,11 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
     K = 128) on 2 warps for K <= 128; the output kernel takes V blocks of 128 (V blocks of 32
     faulted there on Triton 3.6), 3 pipeline stages. Every launch was bitwise deterministic run to run in the
     sweep (bench/kernels_prefill.py checks it); the output kernel was not with 2-3 stages until
-    q's norm left its pipelined loop (kernels/chunk_output.py says why)."""
+    q's norm left its pipelined loop (kernels/chunk_output.py says why). With H key heads
+    shared by HV > H value heads, the WY and output programs run the HV / H value heads of a key
+    head (*_share_k), and the output kernel takes 8 warps (at 4, Q K^T kept across the heads
+    spilled: sm_90 SASS, Triton 3.6). Nothing else depends on H, so configs differ by num_seqs
+    alone (engine/warmup.py builds one per distinct config)."""
     vp = max(16, triton.next_power_of_2(V))
     kp = max(16, triton.next_power_of_2(K))
     if num_seqs * HV * triton.cdiv(V, 64) >= 264:  # two programs per SM even with V blocks of 64
@@ -73,7 +79,7 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
     small_k = K <= 128
     return ChunkConfig(
         state_bv=min(bv, vp), state_warps=4, state_stages=3,
-        out_bv=min(128, vp), out_bk=min(64, kp), out_warps=4, out_stages=3,
+        out_bv=min(128, vp), out_bk=min(64, kp), out_warps=8 if H and HV > H else 4, out_stages=3,
         wy_bk=min(32 if small_k else 64, kp), wy_bv=min(64, vp), wy_warps=2 if small_k else 4,
     )
 
@@ -142,7 +148,7 @@ def chunk_gated_delta_rule_prefill(
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype
     dev = q.device
-    cfg = config or pick_config(N, HV, K, V)
+    cfg = config or pick_config(N, HV, K, V, H)
     assert cfg.wy_solve in ("blocks", "together"), cfg.wy_solve
     plan = plan or plan_chunks(cu_seqlens.to(dev), T)
     assert plan.num_tokens == T and plan.cu_seqlens.numel() == N + 1
@@ -213,9 +219,10 @@ def launch_output(q: Tensor, k: Tensor, G: Tensor, rk: Tensor, h: Tensor, v_new:
     HV, V = v_new.shape[1:]
     N, NC = plan.cu_seqlens.numel() - 1, plan.chunk_seq.numel()
     o = torch.empty_like(v_new)
-    cfg = _launch_fitting(cfg, "out", lambda c: _output_kernel[(NC * triton.cdiv(V, c.out_bv), HV)](
+    NH = HV // H if cfg.out_share_k else 1  # value heads per program
+    cfg = _launch_fitting(cfg, "out", lambda c: _output_kernel[(NC * triton.cdiv(V, c.out_bv), HV // NH)](
         q, k, G, rk, h, v_new, o, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N, scale,
-        H=H, HV=HV, K=K, V=V, BK=c.out_bk, BV=c.out_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
+        H=H, HV=HV, K=K, V=V, BK=c.out_bk, BV=c.out_bv, NH=NH, USE_L2=use_qk_l2norm, EPS=1e-6,
         F32=q.device.type == "cpu", num_warps=c.out_warps, num_stages=c.out_stages,
     ))
     return cfg, o

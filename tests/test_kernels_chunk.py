@@ -67,12 +67,14 @@ def test_varlen_batch_with_gva_and_mixed_initial_states(dtype, solve):
 
 
 @pytest.mark.parametrize("solve", ["blocks", "together"])
-def test_wy_program_per_key_head_matches_one_per_value_head_bit_for_bit(solve):
-    # Four value heads share each key head: one WY program runs all four from one K K^T.
+def test_programs_per_key_head_match_one_per_value_head_bit_for_bit(solve):
+    # Four value heads share each key head: one WY program runs all four from one K K^T, and one
+    # output program all four from one Q K^T.
     lengths, H, HV, K, V = [130, 7], 2, 8, 16, 16
     results = []
     for share in (True, False):
-        cfg = replace(pick_config(2, HV, K, V), wy_solve=solve, wy_share_k=share)
+        cfg = replace(pick_config(2, HV, K, V, H), wy_solve=solve, wy_share_k=share,
+                      out_share_k=share)
         q, k, v, g, beta, cu, gen = _inputs(lengths, H, HV, K, V, torch.bfloat16, seed=11)
         pool = torch.randn(3, HV, K, V, generator=gen)
         slots, has = torch.tensor([2, 0]), torch.tensor([True, False])
