@@ -16,7 +16,9 @@ def model():
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_a_triton_decode_step_launches_the_fused_kernels_and_no_more(model, batch):
+def test_a_triton_decode_step_launches_the_fused_kernels_and_no_more(model, batch, monkeypatch):
+    import kernels.gdn_decode
+    monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: False)  # conv, delta rule, norm apart
     counts = count_decode_step(model, batch).counts
     gdn, attn, layers = 18, 6, 24
     assert counts["triton:_fused_recurrent_decode_kernel"] == gdn
@@ -36,8 +38,8 @@ def test_a_triton_decode_step_launches_the_fused_kernels_and_no_more(model, batc
 
 
 def test_a_decode_step_large_enough_for_the_fused_gdn_kernel_launches_one_per_layer(model, monkeypatch):
-    # A batch that fills the GPU (kernels/gdn_decode.use_fused_decode, here forced for a CPU-sized batch):
-    # conv, delta rule and gated norm are one launch per Gated DeltaNet layer.
+    # Where kernels/gdn_decode.use_fused_decode takes it (forced here): conv, delta rule and gated norm
+    # are one launch per Gated DeltaNet layer.
     import kernels.gdn_decode
     monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: True)
     counts = count_decode_step(model, 4).counts

@@ -18,11 +18,9 @@ def test_argmax_equals_torch_on_random_rows(dtype, B, vocab):
     assert torch.equal(argmax(logits), logits.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("copies", [1, 133])
-def test_ties_go_to_the_lowest_index_across_blocks_and_splits(copies):
-    # 9001 columns are 3 blocks of 4096: the maximum repeats within a block, across blocks, and
-    # -0.0 ties +0.0 in an all-nonpositive row. 4 rows split each row 3 ways (a block each); 532 rows
-    # leave each row whole, its blocks scanned by one program.
+def test_ties_go_to_the_lowest_index_across_blocks_and_splits():
+    # 9001 columns are 3 blocks of 4096, a split each: the maximum repeats within a block, across
+    # blocks, and -0.0 ties +0.0 in an all-nonpositive row.
     logits = torch.full((4, 9001), -3.0)
     logits[0, [5000, 4097, 8999]] = 2.0
     logits[1, [9000, 7]] = 1.5
@@ -30,8 +28,15 @@ def test_ties_go_to_the_lowest_index_across_blocks_and_splits(copies):
     logits[2, 3000] = 0.0
     logits[2, :2000] = -float("inf")
     logits[3] = -float("inf")
-    logits = logits.repeat(copies, 1)
-    assert argmax(logits).tolist() == logits.argmax(dim=-1).tolist() == [4097, 7, 3000, 0] * copies
+    assert argmax(logits).tolist() == logits.argmax(dim=-1).tolist() == [4097, 7, 3000, 0]
+
+
+def test_a_row_wider_than_64_blocks_is_scanned_two_blocks_a_program():
+    vocab = 64 * 4096 + 3000  # 64 splits of 8192 columns
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    logits[0, [6000, 100, 200000]] = 50.0  # ties within the first program's two blocks, and in another
+    logits[1, [vocab - 1, 8191]] = 50.0
+    assert argmax(logits).tolist() == logits.argmax(dim=-1).tolist() == [100, 8191]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.conv import causal_conv1d_step
-from kernels.gdn_decode import conv_decode_norm, use_fused_decode
+from kernels.gdn_decode import conv_decode_norm, fused_launch_config
 from kernels.norm import gated_rms_norm
 from kernels.recurrent import fused_recurrent_decode
 
@@ -48,9 +48,9 @@ def step_inputs(N, H, HV, K, V, dtype, gen):
     return x, z, a, b
 
 
-def fused(x, z, a, b, layer, slot_ids, H):
+def fused(x, z, a, b, layer, slot_ids, H, **launch):
     return conv_decode_norm(x, layer["conv_weight"], layer["conv_pool"], z, a, b, layer["A_log"], layer["dt_bias"],
-                            layer["norm_weight"], layer["state_pool"], slot_ids, num_k_heads=H, eps=EPS)
+                            layer["norm_weight"], layer["state_pool"], slot_ids, num_k_heads=H, eps=EPS, **launch)
 
 
 def unfused(x, z, a, b, layer, slot_ids, H):
@@ -78,7 +78,7 @@ def reference_step(x, z, a, b, layer, H):
     return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + EPS) * layer["norm_weight"].double() * F.silu(z.double())
 
 
-def run_steps(*, H, HV, K, V, W=4, slot_ids, num_slots, steps, dtype, state_dtype, seed=0):
+def run_steps(*, H, HV, K, V, W=4, slot_ids, num_slots, steps, dtype, state_dtype, seed=0, **launch):
     gen = torch.Generator().manual_seed(seed)
     slot_ids = torch.tensor(slot_ids)
     live = (slot_ids >= 0).nonzero().flatten()
@@ -88,7 +88,7 @@ def run_steps(*, H, HV, K, V, W=4, slot_ids, num_slots, steps, dtype, state_dtyp
     ys, ys_ref = [], []
     for _ in range(steps):
         x, z, a, b = step_inputs(len(slot_ids), H, HV, K, V, dtype, gen)
-        ys.append(fused(x, z, a, b, layer, slot_ids, H))
+        ys.append(fused(x, z, a, b, layer, slot_ids, H, **launch))
         ys_ref.append(reference_step(x[live], z[live], a[live], b[live], ref, H))
     return dict(layer=layer, before=before, ref=ref, ys=ys, ys_ref=ys_ref, live=live, slot_ids=slot_ids)
 
@@ -98,10 +98,12 @@ def run_steps(*, H, HV, K, V, W=4, slot_ids, num_slots, steps, dtype, state_dtyp
     (torch.bfloat16, torch.float32, 2e-2),
     (torch.bfloat16, torch.bfloat16, 3e-2),
 ])
-def test_steps_match_reference_with_gva_odd_sizes_shuffled_slots_and_padding(dtype, state_dtype, tol):
-    # V = 24 and K = 12 are not powers of two: the tiles are masked; G = 2 value heads per key head.
+@pytest.mark.parametrize("BV", [32, 16, 8])
+def test_steps_match_reference_with_gva_odd_sizes_shuffled_slots_and_padding(dtype, state_dtype, tol, BV):
+    # V = 24 and K = 12 are not powers of two: the tiles are masked; G = 2 value heads per key head; a
+    # row is one V block (BV = 32), two with the second masked (16), or three (8), normed across them.
     r = run_steps(H=2, HV=4, K=12, V=24, slot_ids=[6, -1, 2, 4, -1], num_slots=8, steps=3, dtype=dtype,
-                  state_dtype=state_dtype)
+                  state_dtype=state_dtype, BV=BV)
     live, slots = r["live"], r["slot_ids"][r["live"]]
     for y, y_ref in zip(r["ys"], r["ys_ref"]):
         assert y.dtype == dtype and y.shape == (5, 4, 24)
@@ -135,7 +137,8 @@ def test_an_all_padding_batch_changes_nothing_and_returns_zeros():
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_equals_the_three_unfused_kernels_up_to_summation_order(state_dtype):
+@pytest.mark.parametrize("BV", [32, 16])
+def test_equals_the_three_unfused_kernels_up_to_summation_order(state_dtype, BV):
     # The fused step rounds where the unfused one stores (conv output, o): the same bf16 values
     # but for the last bit now and then.
     gen = torch.Generator().manual_seed(7)
@@ -145,15 +148,15 @@ def test_equals_the_three_unfused_kernels_up_to_summation_order(state_dtype):
     two = {name: t.clone() for name, t in one.items()}
     for _ in range(3):
         x, z, a, b = step_inputs(4, H, HV, K, V, torch.bfloat16, gen)
-        y_fused = fused(x, z, a, b, one, slot_ids, H)
+        y_fused = fused(x, z, a, b, one, slot_ids, H, BV=BV)
         y_unfused = unfused(x, z, a, b, two, slot_ids, H)
         assert rel_err(y_fused, y_unfused) < 4e-3
     assert torch.equal(one["conv_pool"], two["conv_pool"])
     assert rel_err(one["state_pool"], two["state_pool"]) < (1e-6 if state_dtype == torch.float32 else 4e-3)
 
 
-def test_the_fusion_is_taken_where_programs_fill_the_gpu_and_the_tile_fits():
+def test_a_batch_that_fills_the_gpu_takes_64_wide_v_blocks_and_a_small_one_whole_rows():
     cpu = torch.device("cpu")  # counted as 132 multiprocessors
-    assert use_fused_decode(128, 16, 128, 128, cpu)
-    assert not use_fused_decode(1, 16, 128, 128, cpu)
-    assert not use_fused_decode(512, 16, 256, 512, cpu)  # a [256, 512] tile does not fit a program
+    assert fused_launch_config(1, 16, 128, 128, cpu) == (128, 4)
+    assert fused_launch_config(128, 16, 128, 128, cpu) == (64, 4)
+    assert fused_launch_config(1, 16, 256, 512, cpu) == (64, 4)  # a [256, 512] tile does not fit a program

@@ -22,8 +22,12 @@ def pair(tmp_path_factory):
             load_model(folder, device="cpu", backend="triton").model)
 
 
-def test_triton_backend_matches_reference_through_prefill_and_decode(pair, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_backend_matches_reference_through_prefill_and_decode(pair, fused, monkeypatch):
+    # fused: decode-only steps run conv, delta rule and gated norm as one kernel (kernels/gdn_decode.py)
     torch_model, triton_model = pair
+    import kernels.gdn_decode
+    monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: fused)
     import kernels.recurrent
     decode_batches = []  # sizes of the batches the single-token kernel ran
     decode = kernels.recurrent.fused_recurrent_decode
@@ -56,8 +60,9 @@ def test_triton_backend_matches_reference_through_prefill_and_decode(pair, monke
             outs.append(model.logits(model(ids, Batch.build(sizes, slots, starts, model.device), pool)))
             starts = [s + n for s, n in zip(starts, sizes)]
         results.append(outs)
-    # per layer: 3 in each decode step; in the last mixed step the 2 leading decodes
-    assert decode_batches == [3] * 2 * SMALL["num_hidden_layers"] + [2] * SMALL["num_hidden_layers"]
+    # per layer: 3 in each decode step (unless fused); in the last mixed step the 2 leading decodes
+    layers = SMALL["num_hidden_layers"]
+    assert decode_batches == ([] if fused else [3] * 2 * layers) + [2] * layers
     assert len(plans) == 3  # the prompts, and the two mixed steps
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)

@@ -23,7 +23,7 @@ from kernels import reference
 BACKENDS = ("torch", "triton")
 
 
-def fuses_decode(spec: GDNSpec, batch: Batch, backend: str, device: torch.device) -> bool:
+def fuses_decode(spec: GDNSpec, batch: Batch, backend: str, state_pool: torch.Tensor) -> bool:
     """Whether this step's conv, delta rule and gated norm run as fused_decode: a decode-only step on
     triton whose layer has the fused kernel's form (silu output gate, beta in (0, 1)) and whose batch
     is large enough for it (kernels/gdn_decode.use_fused_decode)."""
@@ -32,7 +32,8 @@ def fuses_decode(spec: GDNSpec, batch: Batch, backend: str, device: torch.device
     if not spec.use_gate or spec.gate_activation != "silu":
         return False
     from kernels.gdn_decode import use_fused_decode
-    return use_fused_decode(len(batch.lens), spec.num_k_heads, spec.head_k_dim, spec.head_v_dim, device)
+    return use_fused_decode(len(batch.lens), spec.num_k_heads, spec.num_v_heads, spec.head_k_dim, spec.head_v_dim,
+                            state_pool.device, state_pool.element_size())
 
 
 def fused_decode(spec: GDNSpec, qkv: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -88,7 +88,7 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = proj.split([s.conv_dim, self.z_dim, s.num_v_heads, s.num_v_heads], dim=-1)
 
         gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
-        if gdn_backend.fuses_decode(s, batch, self.backend, x.device):
+        if gdn_backend.fuses_decode(s, batch, self.backend, pool.recurrent[layer]):
             o = gdn_backend.fused_decode(s, qkv, gate, a, b, self.conv_weight, self.A_log, self.dt_bias,
                                          self.norm_weight, batch, pool.conv[layer], pool.recurrent[layer])
             return o.reshape(T, s.value_dim) @ self.out_proj.t()
