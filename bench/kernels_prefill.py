@@ -77,15 +77,15 @@ def make_pool(h0):
 WY_SOLVE = ""  # --wy-solve
 
 
-def config_for(num_seqs, H, HV, K, V):
-    cfg = pick_config(num_seqs, HV, K, V, H)
+def config_for(num_seqs, HV, K, V):
+    cfg = pick_config(num_seqs, HV, K, V)
     return replace(cfg, wy_solve=WY_SOLVE) if WY_SOLVE else cfg
 
 
 def run_ours(q, k, v, g, beta, cu, h0, config=None):
     """Returns (o, final states)."""
     pool, slots, has = make_pool(h0)
-    config = config or config_for(cu.numel() - 1, k.shape[1], v.shape[1], k.shape[2], v.shape[2])
+    config = config or config_for(cu.numel() - 1, v.shape[1], k.shape[2], v.shape[2])
     o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has, config=config)
     return o, pool[slots]
 
@@ -291,7 +291,7 @@ def run_sweep(ours, base, K, V, det):
 
 
 def parse_variants(text):
-    """'wy_share_k=False;wy_warps=4,wy_bk=64' -> [{'wy_share_k': False}, {'wy_warps': 4, 'wy_bk': 64}]."""
+    """'wy_solve=blocks;wy_warps=4,wy_bk=64' -> [{'wy_solve': 'blocks'}, {'wy_warps': 4, 'wy_bk': 64}]."""
     def value(x):
         return {"True": True, "False": False}.get(x, int(x) if x.lstrip("-").isdigit() else x)
     return [{f: value(x) for f, x in (kv.split("=") for kv in spec.split(","))}
@@ -332,7 +332,7 @@ def sass_report(wy_solve=""):
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     ptr = {"cu_seqlens": "*i64", "chunk_start": "*i64", "chunk_seq": "*i32", "slot_ids": "*i64",
            "has_initial_state": "*i1", "N": "i64", "scale": "fp32", "g": "*fp32", "G": "*fp32",
-           "rk": "*fp32", "scratch": "*fp32", "gram": "*fp32", "state_pool": "*fp32"}
+           "rk": "*fp32", "scratch": "*fp32", "state_pool": "*fp32"}
 
     def build(fn, consts, num_warps, num_stages=2):
         sig = {n: "constexpr" if n in consts else ptr.get(n, "*bf16") for n in fn.arg_names}
@@ -355,21 +355,19 @@ def sass_report(wy_solve=""):
               f", cp.async {k.asm['ptx'].count('cp.async.')}", flush=True)
 
     for H, HV, K, V in SHAPES:
-        cfg = pick_config(1, HV, K, V, H)
+        cfg = pick_config(1, HV, K, V)
         if wy_solve:
             cfg = replace(cfg, wy_solve=wy_solve)
         print(f"H{H} HV{HV} K{K} V{V}: {cfg}")
         common = dict(H=H, HV=HV, K=K, V=V, F32=False)
         build(_wy_kernel, dict(common, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=True, EPS=1e-6,
-                               NH=HV // H if cfg.wy_share_k else 1,
                                SOLVE_TOGETHER=cfg.wy_solve == "together"), cfg.wy_warps,
               cfg.wy_stages)
         two_k = K > 128 or cfg.state_split
         bk = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
         build(_state_kernel, dict(common, BK=bk, TWO_K=two_k, BV=cfg.state_bv),
               cfg.state_warps, cfg.state_stages)
-        build(_output_kernel, dict(common, BK=cfg.out_bk, BV=cfg.out_bv, USE_L2=True, EPS=1e-6,
-                                   NH=HV // H if cfg.out_share_k else 1),
+        build(_output_kernel, dict(common, BK=cfg.out_bk, BV=cfg.out_bv, USE_L2=True, EPS=1e-6),
               cfg.out_warps, cfg.out_stages)
 
 
@@ -387,7 +385,7 @@ def main():
     ap.add_argument("--wy-solve", default="", help="override ChunkConfig.wy_solve everywhere")
     ap.add_argument("--variants", default="",
                     help="also time these ChunkConfig changes per row, e.g. "
-                         "'wy_share_k=False;wy_warps=4,wy_bk=64' (graph time, determinism, and "
+                         "'wy_warps=4,wy_bk=64;state_bv=32' (graph time, determinism, and "
                          "how many output and state elements differ from the row's config)")
     ap.add_argument("--sass", action="store_true",
                     help="no GPU: compile for sm_90 and print registers / spills / SASS counts")
@@ -421,7 +419,7 @@ def main():
         for (H, HV, K, V), (lname, lengths) in itertools.product(shapes, layouts):
             q, k, v, g, beta, cu, h0 = make_inputs(lengths, H, HV, K, V)
             T = q.shape[0]
-            cfg = config_for(len(lengths), H, HV, K, V)
+            cfg = config_for(len(lengths), HV, K, V)
             pool, slots, has = make_pool(h0)
             plan = plan_chunks(cu, T)
 

@@ -6,14 +6,13 @@ Packed varlen layout, as kernels/reference.py:
   state kernel carries it in fp32 and rounds only the final store to the pool's dtype).
 
 Three launches, all over chunks that never cross a sequence boundary:
-  1. kernels/chunk_wy.py     (chunk, key head), parallel: 1/||k|| and K K^T once, then for
-                             each of its value heads G (cumsum of g), T = (I + A)^-1 kept on
-                             chip, w = T diag(beta exp G) K_hat, u = T diag(beta) V.
+  1. kernels/chunk_wy.py     (chunk, value head), parallel: G (cumsum of g), 1/||k||,
+                             T = (I + A)^-1 kept on chip, w = T diag(beta exp G) K_hat,
+                             u = T diag(beta) V.
   2. kernels/chunk_state.py  (sequence, value head, V block), sequential over the sequence's
                              chunks: carries the fp32 state, writes each chunk's entering state
                              h[c] (input dtype) and v_new = u - w h[c]; final state to its slot.
-  3. kernels/chunk_output.py (chunk, V block, key head: its value heads one after the other),
-                             parallel:
+  3. kernels/chunk_output.py (chunk, V block, value head), parallel:
                              o = s (Q_hat exp G) h[c] + s (Q_hat K_hat^T * decay, causal) v_new.
 q and k are never normalised in memory: the l2norm is a per-row scale applied to the products.
 G is kept in log2 units (multiplied by log2 e) so every decay is one exp2, and every exponent that
@@ -48,16 +47,14 @@ class ChunkConfig:
     out_bk: int = 64  # K is looped in blocks of out_bk
     out_warps: int = 4
     out_stages: int = 3
-    out_share_k: bool = True  # one output program per key head runs its HV / H value heads (Q K^T once)
     wy_bk: int = 64
     wy_bv: int = 64
     wy_warps: int = 4
     wy_stages: int = 3
     wy_solve: str = "together"  # (I + A)^-1: "together" or "blocks" (kernels/chunk_wy.py)
-    wy_share_k: bool = True  # one WY program per key head runs its HV / H value heads (K K^T once)
 
 
-def pick_config(num_seqs: int, HV: int, K: int, V: int, H: int | None = None) -> ChunkConfig:
+def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
     """Launch shapes from sweeps on an H200 (Triton 3.6, docs/performance.md): the state pass
     takes V blocks of 64 where that still gives two programs per SM (many sequences: 10% less
     time at 16 x 4096), else 32, and 16 when V blocks of 32 would leave over half the SMs idle
@@ -65,11 +62,7 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int, H: int | None = None) ->
     K = 128) on 2 warps for K <= 128; the output kernel takes V blocks of 128 (V blocks of 32
     faulted there on Triton 3.6), 3 pipeline stages. Every launch was bitwise deterministic run to run in the
     sweep (bench/kernels_prefill.py checks it); the output kernel was not with 2-3 stages until
-    q's norm left its pipelined loop (kernels/chunk_output.py says why). With H key heads
-    shared by HV > H value heads, the WY and output programs run the HV / H value heads of a key
-    head (*_share_k), and the output kernel takes 8 warps (at 4, Q K^T kept across the heads
-    spilled: sm_90 SASS, Triton 3.6). Nothing else depends on H, so configs differ by num_seqs
-    alone (engine/warmup.py builds one per distinct config)."""
+    q's norm left its pipelined loop (kernels/chunk_output.py says why)."""
     vp = max(16, triton.next_power_of_2(V))
     kp = max(16, triton.next_power_of_2(K))
     if num_seqs * HV * triton.cdiv(V, 64) >= 264:  # two programs per SM even with V blocks of 64
@@ -79,7 +72,7 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int, H: int | None = None) ->
     small_k = K <= 128
     return ChunkConfig(
         state_bv=min(bv, vp), state_warps=4, state_stages=3,
-        out_bv=min(128, vp), out_bk=min(64, kp), out_warps=8 if H and HV > H else 4, out_stages=3,
+        out_bv=min(128, vp), out_bk=min(64, kp), out_warps=4, out_stages=3,
         wy_bk=min(32 if small_k else 64, kp), wy_bv=min(64, vp), wy_warps=2 if small_k else 4,
     )
 
@@ -148,7 +141,7 @@ def chunk_gated_delta_rule_prefill(
     scale = K**-0.5 if scale is None else scale
     dtype = v.dtype
     dev = q.device
-    cfg = config or pick_config(N, HV, K, V, H)
+    cfg = config or pick_config(N, HV, K, V)
     assert cfg.wy_solve in ("blocks", "together"), cfg.wy_solve
     plan = plan or plan_chunks(cu_seqlens.to(dev), T)
     assert plan.num_tokens == T and plan.cu_seqlens.numel() == N + 1
@@ -178,14 +171,12 @@ def launch_wy(k: Tensor, v: Tensor, g: Tensor, beta: Tensor, plan: ChunkPlan, cf
     rk = torch.empty(T, H, dtype=torch.float32, device=dev)  # 1 / ||k|| (1 without l2norm)
     w = torch.empty(T, HV, K, dtype=dtype, device=dev)
     u = torch.empty(T, HV, V, dtype=dtype, device=dev)
-    NH = HV // H if cfg.wy_share_k else 1  # value heads per program
     scratch = torch.empty(NC, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    gram = torch.empty(NC, H, CHUNK, CHUNK, dtype=torch.float32, device=dev) if NH > 1 else scratch
-    cfg = _launch_fitting(cfg, "wy", lambda c: _wy_kernel[(NC, HV // NH)](
-        k, v, g, beta, G, rk, w, u, scratch, gram, plan.cu_seqlens, plan.chunk_start,
-        plan.chunk_seq, N, H=H, HV=HV, K=K, V=V, BK=c.wy_bk, BV=c.wy_bv, NH=NH,
-        USE_L2=use_qk_l2norm, EPS=1e-6, F32=dev.type == "cpu",
-        SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps, num_stages=c.wy_stages,
+    cfg = _launch_fitting(cfg, "wy", lambda c: _wy_kernel[(NC, HV)](
+        k, v, g, beta, G, rk, w, u, scratch, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N,
+        H=H, HV=HV, K=K, V=V, BK=c.wy_bk, BV=c.wy_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
+        F32=dev.type == "cpu", SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps,
+        num_stages=c.wy_stages,
     ))
     return cfg, G, rk, w, u
 
@@ -219,10 +210,9 @@ def launch_output(q: Tensor, k: Tensor, G: Tensor, rk: Tensor, h: Tensor, v_new:
     HV, V = v_new.shape[1:]
     N, NC = plan.cu_seqlens.numel() - 1, plan.chunk_seq.numel()
     o = torch.empty_like(v_new)
-    NH = HV // H if cfg.out_share_k else 1  # value heads per program
-    cfg = _launch_fitting(cfg, "out", lambda c: _output_kernel[(NC * triton.cdiv(V, c.out_bv), HV // NH)](
+    cfg = _launch_fitting(cfg, "out", lambda c: _output_kernel[(NC * triton.cdiv(V, c.out_bv), HV)](
         q, k, G, rk, h, v_new, o, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N, scale,
-        H=H, HV=HV, K=K, V=V, BK=c.out_bk, BV=c.out_bv, NH=NH, USE_L2=use_qk_l2norm, EPS=1e-6,
+        H=H, HV=HV, K=K, V=V, BK=c.out_bk, BV=c.out_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
         F32=q.device.type == "cpu", num_warps=c.out_warps, num_stages=c.out_stages,
     ))
     return cfg, o

@@ -1,8 +1,5 @@
-"""Launch 1 of the chunk prefill: the WY representation of every chunk, nothing carried between
-chunks. One program per (chunk, key head) runs the NH value heads that share the key head one
-after the other (NH = HV / H; ChunkConfig.wy_share_k, else NH = 1: one program per value head):
-K K^T and 1/||k|| depend on the key head alone and are computed once for the NH heads; G, A, T,
-w and u depend on each value head's g and beta.
+"""Launch 1 of the chunk prefill: the WY representation of every chunk, one program per
+(chunk, value head), nothing carried between chunks.
 
   G = within-chunk cumsum of g, in log2 units, stored to G [T, HV] fp32;
   r = 1 / ||k|| per token (1 without l2norm), stored to rk [T, H] fp32 by the first value head
@@ -17,9 +14,8 @@ w and u depend on each value head's g and beta.
       "blocks": forward substitution on the four 16x16 diagonal blocks one after the other,
                 tf32 block merges;
   w = T diag(beta exp2(G) r) K -> w [T, HV, K];  u = T diag(beta) V -> u [T, HV, V].
-A and T pass through a 16 KB-per-value-head fp32 scratch to change tile shape, and K K^T (when
-NH > 1) through a 16 KB-per-key-head one, gram; they stay in L1/L2, and barriers order the
-program's writes and reads.
+A and T pass through a 16 KB-per-program fp32 scratch to change tile shape; it stays in L1/L2,
+and barriers order the program's writes and reads.
 """
 
 import triton
@@ -153,81 +149,60 @@ def _solve_together(p_s, A):
 # N % 16 == 0 for the first time does not build a new kernel mid-serving.
 @triton.jit(do_not_specialize=["N"])
 def _wy_kernel(
-    k, v, g, beta, G, rk, w, u, scratch, gram, cu_seqlens, chunk_start, chunk_seq, N,
+    k, v, g, beta, G, rk, w, u, scratch, cu_seqlens, chunk_start, chunk_seq, N,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NH: tl.constexpr, USE_L2: tl.constexpr,
-    EPS: tl.constexpr, F32: tl.constexpr, SOLVE_TOGETHER: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, USE_L2: tl.constexpr, EPS: tl.constexpr,
+    F32: tl.constexpr, SOLVE_TOGETHER: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
-    hv0 = tl.program_id(1).to(tl.int64) * NH  # this program's first value head
+    hv = tl.program_id(1).to(tl.int64)
     valid, tok, m = _chunk_rows(c, cu_seqlens, chunk_start, chunk_seq, N)
     if valid:
-        hk = hv0 // (HV // H)
+        hk = hv // (HV // H)
         dt = w.dtype.element_ty
         r = tl.arange(0, 64)
+        b_g = tl.load(g + tok * HV + hv, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+        b_G = tl.cumsum(b_g, axis=0)
+        tl.store(G + tok * HV + hv, b_G, mask=m)
+        b_beta = tl.load(beta + tok * HV + hv, mask=m, other=0.0).to(tl.float32)
 
         # Raw K K^T over K in blocks of BK, and the squared row norms in a loop of their own:
         # register code reading the product's k tile in the pipelined loop would get that tile
         # one buffer fewer than the asynchronous wgmma needs on Triton 3.6 (kernels/chunk_output.py).
-        # Both depend on the key head alone, so they are done once for the program's NH heads.
         p_k = k + (tok * (H * K) + hk * K)[:, None]
-        KKt = tl.zeros([64, 64], dtype=tl.float32)
+        A = tl.zeros([64, 64], dtype=tl.float32)
         for k0 in range(0, K, BK):
             ck = k0 + tl.arange(0, BK)
             b_k = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K), other=0.0)
-            KKt = _mm(b_k, tl.trans(b_k), KKt, F32)
+            A = _mm(b_k, tl.trans(b_k), A, F32)
         if USE_L2:
             b_r = _inv_row_norms(p_k, m, K, BK, EPS)
         else:
             b_r = tl.where(m, 1.0, 0.0)
-        if hv0 % (HV // H) == 0:
+        if hv % (HV // H) == 0:
             tl.store(rk + tok * H + hk, b_r, mask=m)
-        # With several heads, K K^T waits in the program's [64, 64] fp32 slot of gram (L1/L2)
-        # rather than in registers, and the rows, their mask and 1/||k|| are loaded again in each
-        # pass of the loop rather than carried through it: at 2 warps every value live across
-        # the loop's solve spills (sm_90 SASS, Triton 3.6: 392 bytes of stack with the loop
-        # unrolled and all of them carried, 184 like this; none with one value head).
-        p_gram = gram + (c * H + hk) * 4096
-        if NH > 1:
-            tl.store(p_gram + r[:, None] * 64 + r[None, :], KKt)
-            tl.debug_barrier()  # also orders the store of rk before its loads below
+        low = (r[:, None] > r[None, :]) & m[:, None]
+        A = A * (b_r * b_beta)[:, None] * b_r[None, :] * _decay_mask(b_G, b_G, low)
 
-        for j in range(NH):  # not unrolled: the copies would share (and keep live) index tiles
-            hv = hv0 + j
-            if NH > 1:
-                _, tok, m = _chunk_rows(c, cu_seqlens, chunk_start, chunk_seq, N)
-                b_r = tl.load(rk + tok * H + hk, mask=m, other=0.0)
-                p_k = k + (tok * (H * K) + hk * K)[:, None]
-            b_g = tl.load(g + tok * HV + hv, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
-            b_G = tl.cumsum(b_g, axis=0)
-            tl.store(G + tok * HV + hv, b_G, mask=m)
-            b_beta = tl.load(beta + tok * HV + hv, mask=m, other=0.0).to(tl.float32)
-            if NH > 1:
-                A = tl.load(p_gram + r[:, None] * 64 + r[None, :])
-            else:
-                A = KKt
-            low = (r[:, None] > r[None, :]) & m[:, None]
-            A = A * (b_r * b_beta)[:, None] * b_r[None, :] * _decay_mask(b_G, b_G, low)
+        p_s = scratch + (c * HV + hv) * 4096
+        if SOLVE_TOGETHER:
+            b_T = _solve_together(p_s, A).to(dt)
+        else:
+            b_T = _solve_by_blocks(p_s, A).to(dt)
 
-            p_s = scratch + (c * HV + hv) * 4096
-            if SOLVE_TOGETHER:
-                b_T = _solve_together(p_s, A).to(dt)
-            else:
-                b_T = _solve_by_blocks(p_s, A).to(dt)
-
-            # w = T diag(beta exp2(G) r) K, u = T diag(beta) V.
-            kscale = (b_r * b_beta * tl.exp2(b_G))[:, None]
-            p_w = w + (tok * (HV * K) + hv * K)[:, None]
-            for k0 in range(0, K, BK):
-                ck = k0 + tl.arange(0, BK)
-                mk = m[:, None] & (ck[None, :] < K)
-                b_k = tl.load(p_k + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-                b_w = _mm(b_T, (b_k * kscale).to(dt), None, F32)
-                tl.store(p_w + ck[None, :], b_w.to(dt), mask=mk)
-            p_v = (tok * (HV * V) + hv * V)[:, None]
-            for v0 in range(0, V, BV):
-                cv = v0 + tl.arange(0, BV)
-                mv = m[:, None] & (cv[None, :] < V)
-                b_v = tl.load(v + p_v + cv[None, :], mask=mv, other=0.0).to(tl.float32)
-                b_u = _mm(b_T, (b_v * b_beta[:, None]).to(dt), None, F32)
-                tl.store(u + p_v + cv[None, :], b_u.to(dt), mask=mv)
+        # w = T diag(beta exp2(G) r) K, u = T diag(beta) V.
+        kscale = (b_r * b_beta * tl.exp2(b_G))[:, None]
+        p_w = w + (tok * (HV * K) + hv * K)[:, None]
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            mk = m[:, None] & (ck[None, :] < K)
+            b_k = tl.load(p_k + ck[None, :], mask=mk, other=0.0).to(tl.float32)
+            b_w = _mm(b_T, (b_k * kscale).to(dt), None, F32)
+            tl.store(p_w + ck[None, :], b_w.to(dt), mask=mk)
+        p_v = (tok * (HV * V) + hv * V)[:, None]
+        for v0 in range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            mv = m[:, None] & (cv[None, :] < V)
+            b_v = tl.load(v + p_v + cv[None, :], mask=mv, other=0.0).to(tl.float32)
+            b_u = _mm(b_T, (b_v * b_beta[:, None]).to(dt), None, F32)
+            tl.store(u + p_v + cv[None, :], b_u.to(dt), mask=mv)

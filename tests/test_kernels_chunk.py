@@ -66,28 +66,6 @@ def test_varlen_batch_with_gva_and_mixed_initial_states(dtype, solve):
            config=cfg)
 
 
-@pytest.mark.parametrize("solve", ["blocks", "together"])
-def test_programs_per_key_head_match_one_per_value_head_bit_for_bit(solve):
-    # Four value heads share each key head: one WY program runs all four from one K K^T, and one
-    # output program all four from one Q K^T.
-    lengths, H, HV, K, V = [130, 7], 2, 8, 16, 16
-    results = []
-    for share in (True, False):
-        cfg = replace(pick_config(2, HV, K, V, H), wy_solve=solve, wy_share_k=share,
-                      out_share_k=share)
-        q, k, v, g, beta, cu, gen = _inputs(lengths, H, HV, K, V, torch.bfloat16, seed=11)
-        pool = torch.randn(3, HV, K, V, generator=gen)
-        slots, has = torch.tensor([2, 0]), torch.tensor([True, False])
-        init = torch.where(has[:, None, None, None], pool[slots], 0.0)
-        o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, pool, slots, has, config=cfg)
-        results.append((o, pool[slots]))
-    o_ref, s_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init,
-                                                        cu_seqlens=cu)
-    (o, s), (o1, s1) = results
-    assert _rel(o, o_ref) < TOL[torch.bfloat16] and _rel(s, s_ref) < TOL[torch.bfloat16]
-    assert torch.equal(o, o1) and torch.equal(s, s1)
-
-
 @pytest.mark.parametrize("length", LENGTHS)
 def test_single_sequence_each_length(length):
     _check([length], H=1, HV=2, K=16, V=32, dtype=torch.float32, has_init=[length % 2 == 1],
