@@ -86,12 +86,6 @@ def _conv_decode_norm_kernel(
     slot = tl.maximum(slot_id, 0)
     x_row = x + i_n * stride_x_n
     taps = conv_pool + slot * (D * (W - 1))
-    # [BK, 1]: the rows of the group's first value head in the slot's state
-    p_state = state_pool + slot * (HV * K * V) + i_h * G * (K * V) + o_k[:, None] * V
-
-    # The first state tile's load goes out before the conv's small loads, so their latencies overlap.
-    o_first = tl.arange(0, BV)
-    s_first = tl.load(p_state + o_first[None, :], mask=live_k[:, None] & (o_first < V)[None, :], other=0)
 
     b_q = _conv_silu(x_row, conv_weight, taps, i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
     b_k = _conv_silu(x_row, conv_weight, taps, H * K + i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
@@ -114,14 +108,9 @@ def _conv_decode_norm_kernel(
             o_v = i_v * BV + tl.arange(0, BV)
             mask_v = o_v < V
             live_v = mask_v & ((o_v * 0 + slot_id) >= 0)
-            p_s = p_state + g * (K * V) + o_v[None, :]
-            mask_s = live_k[:, None] & mask_v[None, :]
-            if g + i_v == 0:
-                b_s = s_first
-            else:
-                b_s = tl.load(p_s, mask=mask_s, other=0)
             b_v = _conv_silu(x_row, conv_weight, taps, 2 * H * K + i_hv * V + o_v, mask_v, live_v, W, TAPS, dtype)
-            b_o = _update_tile(p_s, mask_s, b_s, b_q, b_k, b_v, decay, beta)
+            p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
+            b_o = _update_tile(p_s, live_k[:, None] & mask_v[None, :], b_q, b_k, b_v, decay, beta)
             b_o = tl.where(live_v, b_o, 0.0).to(dtype)
             tl.store(p_y + o_v, b_o, mask=mask_v)
             b_o = b_o.to(tl.float32)

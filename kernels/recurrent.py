@@ -42,10 +42,10 @@ def _gates(b_a, b_b, b_A_log, b_dt_bias):
 
 
 @triton.jit
-def _update_tile(p_s, mask_s, b_s, b_q, b_k, b_v, decay, beta):
-    """Advance one [BK, BV] tile of a state, b_s as loaded from p_s, by the token's q, k [BK] and
-    v [BV] in fp32 and store it back under mask_s; returns the tile's output o [BV] in fp32."""
-    b_s = b_s.to(tl.float32)
+def _update_tile(p_s, mask_s, b_q, b_k, b_v, decay, beta):
+    """Advance one [BK, BV] tile of a state in place (p_s: its pointers, mask_s: what is loaded and
+    stored) by the token's q, k [BK] and v [BV] in fp32; returns the tile's output o [BV] in fp32."""
+    b_s = tl.load(p_s, mask=mask_s, other=0).to(tl.float32)  # [BK, BV]
     # Both K-reductions read the state as loaded; the decay and the rank-one update are folded
     # in afterwards: (d S + k delta^T)^T q = d S^T q + (k . q) delta.
     s_k = tl.sum(b_s * b_k[:, None], 0)  # [BV]
@@ -121,7 +121,7 @@ def _fused_recurrent_decode_kernel(
     mask_s = ((o_k * 0 + slot) >= 0)[:, None] & mask_k[:, None] & mask_v[None, :]
     slot = tl.maximum(slot, 0)
     p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
-    b_o = _update_tile(p_s, mask_s, tl.load(p_s, mask=mask_s, other=0), b_q, b_k, b_v, decay, beta)
+    b_o = _update_tile(p_s, mask_s, b_q, b_k, b_v, decay, beta)
 
     b_o = tl.where(valid, b_o, 0.0)
     tl.store(o + i_nh * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
