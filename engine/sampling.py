@@ -182,7 +182,7 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> Batch
     assert all(s.vocab_size == logits.shape[1] for s in samplers), "logits width is not the vocabulary size"
     if all(s.argmax_only for s in samplers):
         # The common serving case: no copy of the [B, vocab] logits; only the [B] token ids reach the host.
-        return BatchSample(greedy_tokens(logits).tolist(), [None] * len(samplers))
+        return BatchSample(logits.argmax(dim=-1).tolist(), [None] * len(samplers))
     tokens, logits = _sample(logits, samplers)
     return BatchSample(tokens.tolist(), _logprobs(logits, tokens, samplers))
 
@@ -193,18 +193,8 @@ def sample_on_device(logits: torch.Tensor, samplers: list[SequenceSampler]) -> t
     to the host; for samplers that all need_no_history (no logprobs to return)."""
     assert all(s.needs_no_history for s in samplers), "a sampler needs the host (penalties, min_tokens, logprobs)"
     if all(s.argmax_only for s in samplers):
-        return greedy_tokens(logits)
+        return logits.argmax(dim=-1)
     return _sample(logits, samplers)[0]
-
-
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(dim=-1) ([B, vocab] -> [B] int64: the lowest index on ties, a row's first NaN where it
-    has one); on CUDA through kernels/argmax.py, which reads the logits at copy speed (a [128, 151936] bf16
-    batch: 33 us in torch's reduction on an H200)."""
-    if logits.is_cuda:
-        from kernels.argmax import argmax
-        return argmax(logits)
-    return logits.argmax(dim=-1)
 
 
 def _sample(logits: torch.Tensor, samplers: list[SequenceSampler]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +209,7 @@ def _sample(logits: torch.Tensor, samplers: list[SequenceSampler]) -> tuple[torc
 
     drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if len(drawn) < len(samplers):
-        tokens = greedy_tokens(logits)  # [B]; the drawn rows are overwritten below
+        tokens = logits.argmax(dim=-1)  # [B]; the drawn rows are overwritten below
     else:
         tokens = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
     if drawn:
