@@ -8,12 +8,13 @@ plus the gaps between them. Folding the conv in has one trap: the q and k channe
 are read by every value head of its group and every V block, and the step rolls their conv taps
 in place, so a program that rolled them could race another that has yet to read them. Here one
 program owns a (request, key head): it convolves that head's q and k once, then walks the group's
-G = HV / H value heads, each as a whole [K, V] state tile with its v channels; every conv channel
-and state element has exactly one reader-writer in the launch. Holding a whole V row is also what
-the gated RMSNorm over V needs, so it is the epilogue.
+G = HV / H value heads, each a [K, V] state with its v channels, in [K, BV] tiles (the whole row
+where it fits); every conv channel and state element has exactly one reader-writer in the launch.
+Owning whole V rows is also what the gated RMSNorm over V needs, so it is the epilogue.
 
-The price is fewer, larger programs (N * H of them, against N * HV * V / BV for the decode kernel),
-which leaves multiprocessors idle at small batches: `use_fused_decode` says when to take it.
+The price is fewer, longer programs (N * H of them, against N * HV * V / BV for the decode
+kernel): at batches that fill the GPU the state streams slower than in the decode kernel and the
+three unfused launches win; `use_fused_decode` says when to take it (small batches, fp32 state).
 Values are rounded where the unfused path stores them (the conv output and o to x's dtype), so
 the two paths differ only by summation order.
 
@@ -101,8 +102,7 @@ def _conv_decode_norm_kernel(
                              tl.load(A_log + i_hv).to(tl.float32), tl.load(dt_bias + i_hv).to(tl.float32))
         p_y = y + (i_n * HV + i_hv) * V
         # Pass 1, the V blocks of the head: its state advances and o, rounded as the unfused path
-        # stores it, goes to y; pass 2 norms the row. A [K, BV] tile at a time keeps a 128 x 128 fp32
-        # state out of the registers at large batches (BV = V at small ones: one block).
+        # stores it, goes to y; pass 2 norms the row. One block where the whole row fits a program.
         sum_sq = 0.0
         for i_v in tl.static_range(NV):
             o_v = i_v * BV + tl.arange(0, BV)
@@ -128,23 +128,26 @@ def _conv_decode_norm_kernel(
 
 def use_fused_decode(N: int, H: int, HV: int, K: int, V: int, device: torch.device, state_bytes: int = 4) -> bool:
     """Whether a decode-only step of N requests takes conv_decode_norm rather than the three unfused
-    kernels. Provisional: every batch, pending the H200 sweep of the looped tile."""
-    return True
+    kernels: where it was measured faster, an fp32 state whose [K, V] tile a program holds whole,
+    in batches of up to 4 value heads per multiprocessor (N * HV; B <= 33 at HV = 16 on an H200).
 
-
-def fused_launch_config(N: int, HV: int, K: int, V: int, device: torch.device,
-                        state_bytes: int = 4) -> tuple[int, int]:
-    """(BV, num_warps): the whole V row as one tile while the batch leaves the GPU room (N * HV up to
-    4 programs per multiprocessor) and a [K, V] fp32 tile fits 4 warps' registers, else 64-wide
-    blocks (256-byte rows of an fp32 state, as the decode kernel's).
-
-    Measured on an H200 (H = HV = 16, K = V = 128, fp32 state, CUDA-graphed, one run): the whole row
-    with 4 warps against the three unfused kernels: 5.2 vs 6.8 us at B = 1, 18.6 vs 21.3 at B = 32,
-    46.9 vs 45.3 at 64, 87.7 vs 83.2 at 128; 8 warps were 20-40% slower than 4."""
+    Measured on an H200 (bench sweep, CUDA-graphed, one run; H = HV = 16, K = V = 128, fp32 state),
+    unfused against fused, us per layer: B = 1 6.7 vs 5.4, 8 8.9 vs 6.9, 16 11.7 vs 9.6, 32 20.8
+    vs 18.6, 48 34.1 vs 34.2, 64 45.3 vs 47.4, 128 82.8 vs 88.8, 256 155.6 vs 170.3 (64-wide V
+    blocks: 47.1, 89.3, 167.2). The state streams slower in N * H programs than in the decode
+    kernel's N * HV * V / 64, which outweighs the two launches saved once the batch fills the GPU.
+    A bf16 state lost already at B = 32 (14.8 vs 14.1 us; its decode kernel runs 32-wide blocks
+    at 2 warps)."""
     BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    if N * HV > 4 * _num_sms(device) or BK * BV > MAX_TILE:
-        BV = min(BV, 64)
-    return BV, 4
+    return state_bytes == 4 and BK * BV <= MAX_TILE and N * HV <= 4 * _num_sms(device)
+
+
+def fused_launch_config(K: int, V: int) -> tuple[int, int]:
+    """(BV, num_warps): the whole V row as one tile where a [K, V] fp32 tile fits 4 warps'
+    registers, else 64-wide blocks (256-byte rows of an fp32 state, as the decode kernel's).
+    8 warps were 20-40% slower than 4 on an H200 at every batch from 1 to 256."""
+    BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    return (BV if BK * BV <= MAX_TILE else min(BV, 64)), 4
 
 
 def conv_decode_norm(
@@ -194,7 +197,7 @@ def conv_decode_norm(
     y = torch.empty(N, HV, V, dtype=x.dtype, device=x.device)
     if N == 0:
         return y
-    default_BV, default_warps = fused_launch_config(N, HV, K, V, x.device, state_pool.element_size())
+    default_BV, default_warps = fused_launch_config(K, V)
     BV = BV or default_BV
     _conv_decode_norm_kernel[(N * H,)](
         x, conv_weight.contiguous(), conv_pool, z, a, b, A_log, dt_bias, norm_weight, state_pool, slot_ids, y,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.conv import causal_conv1d_step
-from kernels.gdn_decode import conv_decode_norm, fused_launch_config
+from kernels.gdn_decode import conv_decode_norm, fused_launch_config, use_fused_decode
 from kernels.norm import gated_rms_norm
 from kernels.recurrent import fused_recurrent_decode
 
@@ -155,8 +155,11 @@ def test_equals_the_three_unfused_kernels_up_to_summation_order(state_dtype, BV)
     assert rel_err(one["state_pool"], two["state_pool"]) < (1e-6 if state_dtype == torch.float32 else 4e-3)
 
 
-def test_a_batch_that_fills_the_gpu_takes_64_wide_v_blocks_and_a_small_one_whole_rows():
+def test_the_fusion_is_taken_for_small_batches_of_an_fp32_state_whose_rows_fit_a_program():
     cpu = torch.device("cpu")  # counted as 132 multiprocessors
-    assert fused_launch_config(1, 16, 128, 128, cpu) == (128, 4)
-    assert fused_launch_config(128, 16, 128, 128, cpu) == (64, 4)
-    assert fused_launch_config(1, 16, 256, 512, cpu) == (64, 4)  # a [256, 512] tile does not fit a program
+    assert use_fused_decode(1, 16, 16, 128, 128, cpu) and use_fused_decode(33, 16, 16, 128, 128, cpu)
+    assert not use_fused_decode(34, 16, 16, 128, 128, cpu)  # the unfused kernels stream the state faster
+    assert not use_fused_decode(1, 16, 16, 128, 128, cpu, state_bytes=2)
+    assert not use_fused_decode(1, 4, 8, 256, 512, cpu)  # a [256, 512] row does not fit a program
+    assert fused_launch_config(128, 128) == (128, 4)
+    assert fused_launch_config(256, 512) == (64, 4)

@@ -8,8 +8,8 @@ pool's dtype (fp32 or bf16) and round only the states they store back.
 
 On "triton", a mixed step (decodes and prompt chunks) runs its decodes through the single-token
 kernels and only the chunks through the chunkwise ones: in the chunk kernels every one-token
-sequence would cost a whole 64-token chunk's work and its own launch programs. A decode-only step
-large enough to fill the GPU runs conv, delta rule and gated norm as one kernel (`fused_decode`).
+sequence would cost a whole 64-token chunk's work and its own launch programs. A small decode-only
+step runs conv, delta rule and gated norm as one kernel (`fused_decode`, kernels/gdn_decode.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ BACKENDS = ("torch", "triton")
 
 def fuses_decode(spec: GDNSpec, batch: Batch, backend: str, state_pool: torch.Tensor) -> bool:
     """Whether this step's conv, delta rule and gated norm run as fused_decode: a decode-only step on
-    triton whose layer has the fused kernel's form (silu output gate, beta in (0, 1)) and whose batch
-    is large enough for it (kernels/gdn_decode.use_fused_decode)."""
+    triton whose layer has the fused kernel's form (silu output gate, beta in (0, 1)) where that
+    kernel was measured faster (kernels/gdn_decode.use_fused_decode: small batches, fp32 state)."""
     if backend != "triton" or not batch.decode_only or spec.allow_neg_eigval:
         return False
     if not spec.use_gate or spec.gate_activation != "silu":
