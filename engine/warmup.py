@@ -65,14 +65,19 @@ def mixed_step_batches(model: HybridLM, pool: SlotPool, max_seqs: int,
 
 
 def decode_only_shape(model: HybridLM, pool: SlotPool, d: int) -> tuple:
-    """What a decode-only step of d sequences compiles by: the decode kernels' launch shape and, with
-    attention layers, the decode attention's number of key splits."""
+    """What a decode-only step of d sequences compiles by: the one-launch decode step (its shape does
+    not change with d) or the unfused decode kernels' launch shape and, with attention layers, the
+    decode attention's number of key splits."""
+    from engine.models.gdn_backend import fused_decode_fits
     from kernels.decode_attention import num_splits
     from kernels.recurrent import decode_launch_config
 
     gdn, attn = model.config.gdn, model.config.attention
-    shape = decode_launch_config(d, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, model.device,
-                                 pool.state_dtype.itemsize)
+    state_bytes = pool.state_dtype.itemsize
+    if fused_decode_fits(gdn, d, model.device, state_bytes):
+        shape = "one launch"
+    else:
+        shape = decode_launch_config(d, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, model.device, state_bytes)
     if attn is None or pool.max_len is None:
         return shape
     return shape, num_splits(d, attn.num_kv_heads, pool.max_len, model.device)

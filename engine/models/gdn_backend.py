@@ -25,15 +25,20 @@ BACKENDS = ("torch", "triton")
 
 def fuses_decode(spec: GDNSpec, batch: Batch, backend: str, state_pool: torch.Tensor) -> bool:
     """Whether this step's conv, delta rule and gated norm run as fused_decode: a decode-only step on
-    triton whose layer has the fused kernel's form (silu output gate, beta in (0, 1)) where that
-    kernel was measured faster (kernels/gdn_decode.use_fused_decode: small batches, fp32 state)."""
-    if backend != "triton" or not batch.decode_only or spec.allow_neg_eigval:
-        return False
-    if not spec.use_gate or spec.gate_activation != "silu":
+    triton where fused_decode_fits."""
+    return (backend == "triton" and batch.decode_only
+            and fused_decode_fits(spec, len(batch.lens), state_pool.device, state_pool.element_size()))
+
+
+def fused_decode_fits(spec: GDNSpec, num_seqs: int, device: torch.device, state_bytes: int) -> bool:
+    """Whether a layer of this spec decodes num_seqs tokens in one launch: it has the fused kernel's
+    form (silu output gate, beta in (0, 1)) and the batch is where that kernel was measured faster
+    (kernels/gdn_decode.use_fused_decode: small batches, fp32 state)."""
+    if spec.allow_neg_eigval or not spec.use_gate or spec.gate_activation != "silu":
         return False
     from kernels.gdn_decode import use_fused_decode
-    return use_fused_decode(len(batch.lens), spec.num_k_heads, spec.num_v_heads, spec.head_k_dim, spec.head_v_dim,
-                            state_pool.device, state_pool.element_size())
+    return use_fused_decode(num_seqs, spec.num_k_heads, spec.num_v_heads, spec.head_k_dim, spec.head_v_dim,
+                            device, state_bytes)
 
 
 def fused_decode(spec: GDNSpec, qkv: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
