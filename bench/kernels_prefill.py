@@ -317,9 +317,10 @@ def time_variants(ours, base, variants, det, run, row):
         row.setdefault("variants", []).append(v)
 
 
-def sass_report(wy_solve=""):
-    """Compile the three kernels for sm_90 (no GPU needed: Triton's bundled ptxas) at each
-    shape's launch shapes and print registers, spill stack and SASS counts from cuobjdump."""
+def sass_report(wy_solve="", variants=(), shape=-1):
+    """Compile the kernels for sm_90 (no GPU needed: Triton's bundled ptxas) at each shape's
+    launch shapes, and at each of variants (ChunkConfig changes), and print registers, spill
+    stack and SASS counts from cuobjdump."""
     import subprocess
 
     from triton.backends.compiler import GPUTarget
@@ -328,6 +329,7 @@ def sass_report(wy_solve=""):
     from kernels.chunk_output import _output_kernel
     from kernels.chunk_state import _state_kernel
     from kernels.chunk_wy import _wy_kernel
+    from kernels.chunk_wy_split import _wy_apply_kernel, _wy_solve_kernel
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     ptr = {"cu_seqlens": "*i64", "chunk_start": "*i64", "chunk_seq": "*i32", "slot_ids": "*i64",
@@ -354,8 +356,9 @@ def sass_report(wy_solve=""):
               f", LDL {sass.count('LDL')}, HGMMA {sass.count('HGMMA')}, HMMA {sass.count('HMMA')}"
               f", cp.async {k.asm['ptx'].count('cp.async.')}", flush=True)
 
-    for H, HV, K, V in SHAPES:
-        cfg = pick_config(1, HV, K, V)
+    for (H, HV, K, V), spec in itertools.product(
+            [x for i, x in enumerate(SHAPES) if shape in (-1, i)], [{}, *variants]):
+        cfg = replace(pick_config(1, HV, K, V), **spec)
         if wy_solve:
             cfg = replace(cfg, wy_solve=wy_solve)
         print(f"H{H} HV{HV} K{K} V{V}: {cfg}")
@@ -363,6 +366,11 @@ def sass_report(wy_solve=""):
         build(_wy_kernel, dict(common, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=True, EPS=1e-6,
                                SOLVE_TOGETHER=cfg.wy_solve == "together"), cfg.wy_warps,
               cfg.wy_stages)
+        build(_wy_solve_kernel, dict(H=H, HV=HV, K=K, F32=False, BK=cfg.wy_bk, USE_L2=True,
+                                     EPS=1e-6, SOLVE_TOGETHER=cfg.wy_solve == "together"),
+              cfg.wy_warps, cfg.wy_stages)
+        ab = cfg.wy_apply_b
+        build(_wy_apply_kernel, dict(common, BK=min(ab, K), BV=min(ab, V)), cfg.wy_apply_warps)
         two_k = K > 128 or cfg.state_split
         bk = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
         build(_state_kernel, dict(common, BK=bk, TWO_K=two_k, BV=cfg.state_bv),
@@ -396,7 +404,7 @@ def main():
     global WY_SOLVE
     WY_SOLVE = args.wy_solve
     if args.sass:
-        return sass_report(args.wy_solve)
+        return sass_report(args.wy_solve, parse_variants(args.variants), args.shape)
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     print(f"card: {name}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
