@@ -298,9 +298,10 @@ def parse_variants(text):
             for spec in text.split(";") if spec]
 
 
-def time_variants(ours, base, variants, det, run, row):
-    """Graph time, determinism and bit difference from base's results (o and final states, from
-    the same initial pool) of each variant of base; appended to row["variants"]."""
+def time_variants(ours, base, variants, det, run, row, prof=False):
+    """Graph time, determinism and difference from base's results (o and final states, from
+    the same initial pool: elements whose bits differ, and ||x - base|| / ||base||) of each
+    variant of base, appended to row["variants"]; with prof, its per-kernel GPU times too."""
     o_base, s_base = run(base)
     for spec in variants:
         c = replace(base, **spec)
@@ -308,12 +309,17 @@ def time_variants(ours, base, variants, det, run, row):
         o, s = run(c)
         d = det(c)
         v = {"variant": spec, "graph_ms": t, "det": det_text(d), "det_diff": sum(d.values()),
-             "differs_from_base": _differ(o, o_base) + _differ(s, s_base)}
+             "differs_from_base": _differ(o, o_base) + _differ(s, s_base),
+             "rel_o_vs_base": rel(o, o_base), "rel_state_vs_base": rel(s, s_base)}
         if row.get("fla_graph_ms") and t:
             v["graph_ratio"] = row["fla_graph_ms"] / t
         print(f"  variant {spec}: graph {t:.3f} ms (base {row['ours_graph_ms']:.3f})"
               + (f", fla/variant {v['graph_ratio']:.2f}x" if "graph_ratio" in v else "")
-              + f", {v['det']}, elements differing from base: {v['differs_from_base']}", flush=True)
+              + f", {v['det']}, elements differing from base: {v['differs_from_base']}"
+              + f" (rel o {v['rel_o_vs_base']:.1e}, state {v['rel_state_vs_base']:.1e})",
+              flush=True)
+        if prof:
+            profile(lambda: ours(c), f"variant {spec}")
         row.setdefault("variants", []).append(v)
 
 
@@ -469,7 +475,8 @@ def main():
             print(msg, flush=True)
             if args.variants:
                 time_variants(ours, cfg, parse_variants(args.variants), det,
-                              lambda c: run_ours(q, k, v, g, beta, cu, h0, c), row)
+                              lambda c: run_ours(q, k, v, g, beta, cu, h0, c), row,
+                              args.profile and lname in ("T=8192", "16x4096"))
             result["rows"].append(row)
             if args.profile and lname in ("T=8192", "16x4096"):
                 profile(lambda: ours(cfg), "ours")
