@@ -8,7 +8,8 @@ Packed varlen layout, as kernels/reference.py:
 Three launches, all over chunks that never cross a sequence boundary:
   1. kernels/chunk_wy.py     (chunk, value head), parallel: G (cumsum of g), 1/||k||,
                              T = (I + A)^-1 kept on chip, w = T diag(beta exp G) K_hat,
-                             u = T diag(beta) V.
+                             u = T diag(beta) V. (ChunkConfig.wy_split: the same as two
+                             launches, kernels/chunk_wy_split.py; measured slower, off.)
   2. kernels/chunk_state.py  (sequence, value head, V block), sequential over the sequence's
                              chunks: carries the fp32 state, writes each chunk's entering state
                              h[c] (input dtype) and v_new = u - w h[c]; final state to its slot.
@@ -53,7 +54,9 @@ class ChunkConfig:
     wy_warps: int = 4
     wy_stages: int = 3
     wy_solve: str = "together"  # (I + A)^-1: "together" or "blocks" (kernels/chunk_wy.py)
-    wy_split: bool = False  # launch 1 as two kernels (kernels/chunk_wy_split.py): T, then w and u
+    # Launch 1 as two kernels (kernels/chunk_wy_split.py): T, then w and u. Off: 4% slower on an
+    # H200 at H16 HV32 16 x 4096, 5% at T = 8192 (the file says why).
+    wy_split: bool = False
     wy_apply_b: int = 64  # columns of w (of K) or u (of V) per program of the split's second kernel
     wy_apply_warps: int = 4
 

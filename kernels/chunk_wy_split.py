@@ -11,7 +11,17 @@ fused kernel of kernels/chunk_wy.py so that more programs fit a multiprocessor:
       that T and k come from L2 after the first read:
         w[:, block] = T diag(beta exp2(G) r) K[:, block];  u[:, block] = T diag(beta) V[:, block].
       One [64, 64] x [64, B] product a program, nothing carried.
-Same arithmetic as the fused kernel, so on the interpreter the outputs are the same bits.
+Same arithmetic as the fused kernel, so on the interpreter the outputs are the same bits (on an
+H200 too, at the default launch shapes).
+
+Off by default: slower than the fused kernel on an H200 (Triton 3.6, bench/kernels_prefill.py
+--variants, graph ms, fused -> split): H16 HV32 K128 V128 16x4096 3.713 -> 3.870, T=8192
+0.523 -> 0.549; H16 HV16 16x4096 1.863 -> 1.940. Per kernel at HV32 16x4096: fused 1781 us,
+split 1298 (solve) + 644 (apply) us. The solve kernel still needs ~209 registers a thread at
+2 warps (sm_90 SASS from a local Triton 3.9 build), so it runs at the fused kernel's occupancy
+(4 programs an SM) while the split adds T's round trip through memory; at 4 warps (124
+registers) it took 2056 us, with the "blocks" solve 1715 us. What is left to win is in the Gram
+and the solve (fla's kkt + solve: ~740 us there).
 """
 
 import triton
