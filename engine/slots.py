@@ -45,13 +45,15 @@ class SlotPool:
         self.state_dtype = state_dtype
         self.device = device
         rows = num_slots + 1
-        self.conv: list[torch.Tensor | None] = []  # per layer: [slots, conv_dim, conv_kernel - 1]
+        # Per layer [slots, conv_dim, conv_kernel]: a ring of the last conv_kernel inputs, x_p at p % conv_kernel
+        # (kernels/conv.py), read and written by each token's position: a fork copies it whole and goes on from there.
+        self.conv: list[torch.Tensor | None] = []
         self.recurrent: list[torch.Tensor | None] = []  # per layer: [slots, HV, K, V] state_dtype
         self.keys: list[torch.Tensor | None] = []  # per layer: [slots, max_len, kv_heads, head_dim]
         self.values: list[torch.Tensor | None] = []
         for kind in config.layer_types:
             if kind == LINEAR_ATTENTION:
-                self.conv.append(torch.zeros(rows, gdn.conv_dim, gdn.conv_kernel - 1, device=device,
+                self.conv.append(torch.zeros(rows, gdn.conv_dim, gdn.conv_kernel, device=device,
                                              dtype=dtype))
                 self.recurrent.append(torch.zeros(rows, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim,
                                                   device=device, dtype=state_dtype))

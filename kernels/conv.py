@@ -1,14 +1,21 @@
-"""Causal depthwise conv1d (width W <= 4, optional SiLU) over slot-indexed rolling conv state.
+"""Causal depthwise conv1d (width W <= 4, optional SiLU) over slot-indexed conv state kept as a ring.
 
-Channel d of token t:  y[t, d] = act(bias[d] + sum_j weight[d, j] * x[t - (W-1) + j, d]),
-with the W-1 inputs before a sequence's first token taken from its conv state. A slot's conv
-state is conv_pool[slot]: [D, W-1], the last W-1 inputs of the sequence so far, oldest first
-(the layout of kernels/reference.py's causal_conv1d and of HF's conv_state).
+Channel d of the token at position p:  y[p, d] = act(bias[d] + sum_j weight[d, j] * x[p - (W-1) + j, d]),
+with inputs at positions < 0 taken as zero. A slot's conv state is conv_pool[slot]: [D, W], a ring
+of the sequence's last W inputs indexed by absolute position: x_p lives in cell p % W.
+
+Why a ring rather than a window rolled in place: a token at p reads cells (p-1) % W .. (p-W+1) % W
+and writes only cell p % W, which held x_{p-W}, an input nobody reads any more. So any number of
+programs may read a channel's taps in the same launch as its one writer (kernels/recurrent.py's
+decode reads a key head's q/k taps from every value head and V block of its group), and a slot is
+never shifted. Cells of positions < 0 are never read (masked), so a sequence starting at position
+0 ignores whatever its slot held.
 
 Two entry points:
-- causal_conv1d_prefill: a packed varlen batch ([T, D] with cu_seqlens); each sequence starts from
-  its slot's state (or zeros) and leaves its last W-1 inputs in the slot.
-- causal_conv1d_step: one token per request (decode); shifts the slot's window in place.
+- causal_conv1d_prefill: a packed varlen batch ([T, D] with cu_seqlens and each token's position);
+  a sequence starting at p > 0 reads its earlier inputs from its slot, and leaves its last W-1
+  inputs there.
+- causal_conv1d_step: one token per request (decode).
 Slot indices < 0 are padding: no state is read or written, and a step's output row is zero.
 Math in fp32; y in x.dtype; the state keeps the pool's dtype.
 """
@@ -18,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Widest conv handled; a slot's W-1 taps are handled as a tile padded to this power of two.
+# Widest conv handled; a token's W-1 earlier taps are handled as a tile padded to this power of two.
 _MAX_WIDTH = 4
 
 
@@ -39,14 +46,49 @@ def _slot_of(slot_ids, i_n, o_d):
 
 
 @triton.jit
+def _ring_conv(b_x, weight, ring, pos, o_d, mask_d, live, W: tl.constexpr, TAPS: tl.constexpr):
+    """The conv of channels o_d ([BD]) for the token at position pos (int64 scalar, >= 0) whose
+    input is b_x ([BD] fp32), before bias and activation, in fp32. ring: the slot's [D, W] taps,
+    read only (cells of positions pos-W+1 .. pos-1, those >= 0); live: [BD] int1, the channels
+    whose taps are read (padding: none; the result is then meaningless and the caller drops it)."""
+    acc = b_x * tl.load(weight + o_d * W + (W - 1), mask=mask_d, other=0).to(tl.float32)
+    o_j = tl.arange(0, TAPS)
+    p_j = pos - (W - 1) + o_j  # [TAPS] the positions tap j reads
+    mask_j = (o_j < W - 1) & (p_j >= 0)
+    cell = tl.where(p_j >= 0, p_j, 0) % W
+    s = tl.load(ring + o_d[None, :] * W + cell[:, None], mask=mask_j[:, None] & live[None, :], other=0)
+    w = tl.load(weight + o_d[None, :] * W + o_j[:, None], mask=(o_j < W - 1)[:, None] & mask_d[None, :], other=0)
+    return acc + tl.sum(s.to(tl.float32) * w.to(tl.float32), 0)
+
+
+@triton.jit
+def _ring_store(b_x, ring, pos, o_d, write, W: tl.constexpr):
+    """Store the token's inputs b_x of channels o_d at its own cell pos % W of the ring, where
+    `write` ([BD] int1). The cell held x_{pos-W}: no token of this step reads it."""
+    tl.store(ring + o_d * W + pos % W, b_x.to(ring.dtype.element_ty), mask=write)
+
+
+@triton.jit
+def _conv_step(x_row, weight, ring, pos, o_d, mask_d, live, W: tl.constexpr, TAPS: tl.constexpr):
+    """One token's conv over channels o_d ([BD]) at position pos, before bias and activation, in
+    fp32, its input stored in the ring where live. x_row: the token's row of x; ring: the slot's
+    [D, W] taps. Other programs may read these channels' taps in the same launch (see the module
+    docstring); only one may write them."""
+    b_x = tl.load(x_row + o_d, mask=mask_d, other=0)
+    acc = _ring_conv(b_x.to(tl.float32), weight, ring, pos, o_d, mask_d, live, W, TAPS)
+    _ring_store(b_x, ring, pos, o_d, live, W)
+    return acc
+
+
+@triton.jit
 def _causal_conv1d_prefill_kernel(
     x,  # [T, D], last dim contiguous
     weight,  # [D, W], contiguous
     bias,  # [D] (unread without HAS_BIAS)
     cu_seqlens,  # [N + 1]
-    conv_pool,  # [S, D, W-1], contiguous
+    positions,  # [T] int64, each token's position in its sequence
+    conv_pool,  # [S, D, W], contiguous
     slot_ids,  # [N]
-    has_initial_state,  # [N] uint8
     y,  # [T, D], contiguous
     stride_x_t,
     D: tl.constexpr,
@@ -57,84 +99,59 @@ def _causal_conv1d_prefill_kernel(
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
 ):
-    # One program per (channel block, sequence) walks its sequence front to back, so the state
-    # it reads at the start and the state it writes at the end are its own: no other program
-    # touches these channels of this slot, whatever the sequence's length.
+    # One program per (channel block, sequence) walks its sequence front to back, so the taps
+    # it reads at the start and writes at the end are its own: no other program touches these
+    # channels of this slot, whatever the sequence's length.
     i_d = tl.program_id(0)
     i_n = tl.program_id(1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     seqlen = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    start = tl.load(positions + bos).to(tl.int64)  # the first token's position
 
     o_d = i_d * BD + tl.arange(0, BD)
     mask_d = o_d < D
     slot, slot_ok = _slot_of(slot_ids, i_n, o_d)
-    has_init = tl.load(has_initial_state + i_n).to(tl.int32)
-    read_state = mask_d & slot_ok & ((o_d * 0 + has_init) != 0)  # [BD]
-    p_state = conv_pool + slot * (D * (W - 1)) + o_d * (W - 1)  # [BD] each channel's oldest tap
+    live = mask_d & slot_ok
+    ring = conv_pool + slot * (D * W)
 
     b_bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
         b_bias = tl.load(bias + o_d, mask=mask_d, other=0).to(tl.float32)
 
     for t0 in range(0, seqlen, BT):
-        o_t = t0 + tl.arange(0, BT)  # positions within the sequence
+        o_t = t0 + tl.arange(0, BT)  # indices within the sequence
         mask_t = o_t < seqlen
         acc = tl.zeros([BT, BD], dtype=tl.float32) + b_bias[None, :]
         for j in tl.static_range(W):
             w_j = tl.load(weight + o_d * W + j, mask=mask_d, other=0).to(tl.float32)
-            p = o_t - (W - 1 - j)  # the input this tap reads; < 0 means the conv state
-            in_seq = (p >= 0)[:, None] & mask_t[:, None] & mask_d[None, :]
-            x_j = tl.load(x + (bos + p)[:, None] * stride_x_t + o_d[None, :], mask=in_seq, other=0)
+            t = o_t - (W - 1 - j)  # the input this tap reads; < 0 means before the sequence: the ring
+            in_seq = (t >= 0)[:, None] & mask_t[:, None] & mask_d[None, :]
+            x_j = tl.load(x + (bos + t)[:, None] * stride_x_t + o_d[None, :], mask=in_seq, other=0)
             x_j = x_j.to(tl.float32)
             if j < W - 1:
-                in_state = (p < 0)[:, None] & mask_t[:, None] & read_state[None, :]
-                s_j = tl.load(p_state[None, :] + (W - 1 + p)[:, None], mask=in_state, other=0)
-                x_j = tl.where(in_state, s_j.to(tl.float32), x_j)
+                p = start + t  # absolute position; < 0: before the sequence began, zero
+                in_ring = ((t < 0) & (p >= 0) & mask_t)[:, None] & live[None, :]
+                cell = tl.where(p >= 0, p, 0) % W
+                s_j = tl.load(ring + o_d[None, :] * W + cell[:, None], mask=in_ring, other=0)
+                x_j = tl.where(in_ring, s_j.to(tl.float32), x_j)
             acc += w_j[None, :] * x_j
         if SILU:
             acc = _silu(acc)
         p_y = y + (bos + o_t)[:, None] * D + o_d[None, :]
         tl.store(p_y, acc.to(y.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
-    # The new state: the last W-1 inputs of (old state ++ sequence). A sequence shorter than
-    # W-1 keeps part of the old state, so everything is read before anything is written.
+    # The sequence's last W-1 inputs go to their cells; older cells keep what they held (a
+    # sequence shorter than W-1 leaves earlier inputs in place). A cell written here may be one
+    # the loop above read (x_{start-W+1+i} and x_{start+1+i} share it), hence the barrier.
     o_j = tl.arange(0, TAPS)
-    mask_j = o_j < W - 1
-    p = seqlen - (W - 1) + o_j  # [TAPS] positions within the sequence
-    from_x = (p >= 0)[:, None] & mask_j[:, None] & mask_d[None, :]
-    from_state = (p < 0)[:, None] & mask_j[:, None] & read_state[None, :]
-    x_last = tl.load(x + (bos + p)[:, None] * stride_x_t + o_d[None, :], mask=from_x, other=0)
-    s_last = tl.load(p_state[None, :] + (W - 1 + p)[:, None], mask=from_state, other=0)
-    new_state = tl.where(from_x, x_last.to(tl.float32), s_last.to(tl.float32))
+    t = seqlen - (W - 1) + o_j  # [TAPS] indices within the sequence
+    mask_j = (o_j < W - 1) & (t >= 0)
+    from_x = mask_j[:, None] & mask_d[None, :]
+    x_last = tl.load(x + (bos + t)[:, None] * stride_x_t + o_d[None, :], mask=from_x, other=0)
+    cell = (start + tl.where(t >= 0, t, 0)) % W
     tl.debug_barrier()
-    write = mask_j[:, None] & (mask_d & slot_ok)[None, :]
-    tl.store(p_state[None, :] + o_j[:, None], new_state.to(conv_pool.dtype.element_ty), mask=write)
-
-
-@triton.jit
-def _conv_step(x_row, weight, taps, o_d, mask_d, live, W: tl.constexpr, TAPS: tl.constexpr):
-    """One token's conv over channels o_d ([BD]), before bias and activation, in fp32; their taps
-    advance in place. x_row: the token's row of x; taps: the slot's [D, W-1] conv state; live: [BD]
-    int1, the channels whose taps are read and written (padding: neither; the output is then
-    meaningless and the caller drops it). The caller must be these channels' only reader and
-    writer in the launch: the taps are rolled in place."""
-    p_state = taps + o_d * (W - 1)  # [BD] each channel's oldest tap
-    b_x = tl.load(x_row + o_d, mask=mask_d, other=0).to(tl.float32)
-    acc = b_x * tl.load(weight + o_d * W + (W - 1), mask=mask_d, other=0).to(tl.float32)
-
-    # window = [state taps 0 .. W-2, x]; the new state is window[1:].
-    o_j = tl.arange(0, TAPS)
-    mask_j = o_j < W - 1
-    m_state = mask_j[:, None] & live[None, :]
-    s = tl.load(p_state[None, :] + o_j[:, None], mask=m_state, other=0).to(tl.float32)  # [TAPS, BD]
-    w = tl.load(weight + o_d[None, :] * W + o_j[:, None], mask=mask_j[:, None] & mask_d[None, :], other=0)
-    acc += tl.sum(s * w.to(tl.float32), 0)
-    m_next = (o_j < W - 2)[:, None] & live[None, :]
-    s_next = tl.load(p_state[None, :] + (o_j + 1)[:, None], mask=m_next, other=0).to(tl.float32)
-    new_state = tl.where((o_j == W - 2)[:, None], b_x[None, :], s_next)
-    tl.debug_barrier()  # every thread has read the taps before any is overwritten
-    tl.store(p_state[None, :] + o_j[:, None], new_state.to(taps.dtype.element_ty), mask=m_state)
-    return acc
+    tl.store(ring + o_d[None, :] * W + cell[:, None], x_last.to(conv_pool.dtype.element_ty),
+             mask=mask_j[:, None] & live[None, :])
 
 
 @triton.jit
@@ -142,8 +159,9 @@ def _causal_conv1d_step_kernel(
     x,  # [N, D], last dim contiguous
     weight,  # [D, W], contiguous
     bias,  # [D] (unread without HAS_BIAS)
-    conv_pool,  # [S, D, W-1], contiguous
+    conv_pool,  # [S, D, W], contiguous
     slot_ids,  # [N]
+    positions,  # [N] int64, each token's position
     y,  # [N, D], contiguous
     stride_x_n,
     D: tl.constexpr,
@@ -159,7 +177,8 @@ def _causal_conv1d_step_kernel(
     mask_d = o_d < D
     slot, slot_ok = _slot_of(slot_ids, i_n, o_d)
     live = mask_d & slot_ok
-    acc = _conv_step(x + i_n * stride_x_n, weight, conv_pool + slot * (D * (W - 1)), o_d, mask_d, live, W, TAPS)
+    pos = tl.maximum(tl.load(positions + i_n).to(tl.int64), 0)  # padding's, whatever it is, stays on the ring
+    acc = _conv_step(x + i_n * stride_x_n, weight, conv_pool + slot * (D * W), pos, o_d, mask_d, live, W, TAPS)
     if HAS_BIAS:
         acc += tl.load(bias + o_d, mask=mask_d, other=0).to(tl.float32)
     if SILU:
@@ -168,13 +187,18 @@ def _causal_conv1d_step_kernel(
     tl.store(y + i_n * D + o_d, acc.to(y.dtype.element_ty), mask=mask_d)
 
 
-def _check(x: Tensor, weight: Tensor, bias: Tensor | None, conv_pool: Tensor, activation) -> int:
+def check_conv_pool(conv_pool: Tensor, D: int, W: int) -> None:
+    assert conv_pool.is_contiguous() and conv_pool.shape[1:] == (D, W), (
+        f"conv_pool is {tuple(conv_pool.shape)}, want a contiguous ring [S, {D}, {W}]")
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, conv_pool: Tensor, positions: Tensor, activation) -> int:
     D, W = weight.shape
     assert x.shape[-1] == D, f"x has {x.shape[-1]} channels, weight {D}"
     assert 2 <= W <= _MAX_WIDTH, f"conv width {W} not in [2, {_MAX_WIDTH}]"
     assert bias is None or bias.shape == (D,), "bias must be [D]"
-    assert conv_pool.is_contiguous() and conv_pool.shape[1:] == (D, W - 1), (
-        f"conv_pool is {tuple(conv_pool.shape)}, want contiguous [S, {D}, {W - 1}]")
+    check_conv_pool(conv_pool, D, W)
+    assert positions.shape == (x.shape[0],) and positions.dtype == torch.int64, "positions: [T] int64"
     assert activation in ("silu", None), f"unknown activation {activation!r}"
     return W
 
@@ -184,24 +208,25 @@ def causal_conv1d_prefill(
     weight: Tensor,
     bias: Tensor | None,
     cu_seqlens: Tensor,
+    positions: Tensor,
     conv_pool: Tensor,
     slot_ids: Tensor,
-    has_initial_state: Tensor,
     *,
     activation: str | None = "silu",
 ) -> Tensor:
-    """Conv over a packed varlen batch, reading and writing each sequence's state by slot.
+    """Conv over a packed varlen batch, reading and writing each sequence's taps by slot.
 
     x: [T, D] (row stride free, last dim contiguous); weight: [D, W] (W <= 4); bias: [D] or None;
-    cu_seqlens: [N + 1] int, every sequence non-empty; conv_pool: [S, D, W-1], contiguous;
-    slot_ids: [N] int (< 0: no state read or written); has_initial_state: [N] bool (False: the
-    sequence starts from zeros, whatever the slot held). Returns y: [T, D] in x.dtype; on return
-    conv_pool[slot_ids[n]] holds sequence n's last W-1 inputs (older ones from its old state).
+    cu_seqlens: [N + 1] int, every sequence non-empty; positions: [T] int64, each token's position
+    in its sequence (consecutive within a sequence; only each first one is read); conv_pool:
+    [S, D, W] rings, contiguous; slot_ids: [N] int (< 0: no state read or written). A sequence
+    starting at position 0 reads nothing from its slot. Returns y: [T, D] in x.dtype; on return
+    each slot's ring holds its sequence's last W-1 inputs at their cells.
     """
-    W = _check(x, weight, bias, conv_pool, activation)
+    W = _check(x, weight, bias, conv_pool, positions, activation)
     T, D = x.shape
     N = cu_seqlens.numel() - 1
-    assert slot_ids.shape == (N,) and has_initial_state.shape == (N,), "slot_ids, has_initial_state: [N]"
+    assert slot_ids.shape == (N,), "slot_ids: [N]"
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(T, D, dtype=x.dtype, device=x.device)
@@ -210,8 +235,7 @@ def causal_conv1d_prefill(
     BD = min(128, triton.next_power_of_2(D))
     grid = (triton.cdiv(D, BD), N)
     _causal_conv1d_prefill_kernel[grid](
-        x, weight.contiguous(), bias, cu_seqlens, conv_pool, slot_ids,
-        has_initial_state.to(torch.uint8), y, x.stride(0),
+        x, weight.contiguous(), bias, cu_seqlens, positions, conv_pool, slot_ids, y, x.stride(0),
         D=D, W=W, BT=32, BD=BD, TAPS=_MAX_WIDTH, HAS_BIAS=bias is not None, SILU=activation == "silu",
         num_warps=4,
     )
@@ -224,16 +248,18 @@ def causal_conv1d_step(
     bias: Tensor | None,
     conv_pool: Tensor,
     slot_ids: Tensor,
+    positions: Tensor,
     *,
     activation: str | None = "silu",
 ) -> Tensor:
-    """One token per request: y = act(conv(window)) with the slot's window advanced in place.
+    """One token per request: y = act(conv) from the slot's ring, the token's input stored in it.
 
     x: [N, D] (row stride free, last dim contiguous); weight: [D, W]; bias: [D] or None;
-    conv_pool: [S, D, W-1], contiguous; slot_ids: [N] int, < 0 for padding (state untouched,
-    output row zero). Returns y: [N, D] in x.dtype.
+    conv_pool: [S, D, W] rings, contiguous; slot_ids: [N] int, < 0 for padding (state untouched,
+    output row zero); positions: [N] int64, each token's position, read on the device. Returns
+    y: [N, D] in x.dtype.
     """
-    W = _check(x, weight, bias, conv_pool, activation)
+    W = _check(x, weight, bias, conv_pool, positions, activation)
     N, D = x.shape
     assert slot_ids.shape == (N,), "slot_ids: [N]"
     if x.stride(-1) != 1:
@@ -244,7 +270,7 @@ def causal_conv1d_step(
     BD = min(256, triton.next_power_of_2(D))
     grid = (triton.cdiv(D, BD), N)
     _causal_conv1d_step_kernel[grid](
-        x, weight.contiguous(), bias, conv_pool, slot_ids, y, x.stride(0),
+        x, weight.contiguous(), bias, conv_pool, slot_ids, positions, y, x.stride(0),
         D=D, W=W, BD=BD, TAPS=_MAX_WIDTH, HAS_BIAS=bias is not None, SILU=activation == "silu",
         num_warps=4,
     )

@@ -4,13 +4,11 @@ short conv (SiLU) over [q | k | v] -> gated delta rule -> gated RMSNorm, for a b
     y = rmsnorm(o) * w * silu(z),  o = delta_rule(conv(x))  (kernels/conv.py, kernels/recurrent.py)
 
 The unfused step is three launches (causal_conv1d_step, fused_recurrent_decode, gated_rms_norm)
-plus the gaps between them. Folding the conv in has one trap: the q and k channels of a key head
-are read by every value head of its group and every V block, and the step rolls their conv taps
-in place, so a program that rolled them could race another that has yet to read them. Here one
-program owns a (request, key head): it convolves that head's q and k once, then walks the group's
-G = HV / H value heads, each a [K, V] state with its v channels, in [K, BV] tiles (the whole row
-where it fits); every conv channel and state element has exactly one reader-writer in the launch.
-Owning whole V rows is also what the gated RMSNorm over V needs, so it is the epilogue.
+plus the gaps between them. Here one program owns a (request, key head): it convolves that head's
+q and k once, then walks the group's G = HV / H value heads, each a [K, V] state with its v
+channels, in [K, BV] tiles (the whole row where it fits). Owning whole V rows is what the gated
+RMSNorm over V needs, so it is the epilogue. (The conv taps are a ring indexed by position,
+kernels/conv.py, so reading them from several programs would be race-free too.)
 
 The price is fewer, longer programs (N * H of them, against N * HV * V / BV for the decode
 kernel): at batches that fill the GPU the state streams slower than in the decode kernel and the
@@ -26,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.conv import _MAX_WIDTH, _conv_step, _silu
+from kernels.conv import _MAX_WIDTH, _conv_step, _silu, check_conv_pool
 from kernels.recurrent import _gates, _num_sms, _update_tile
 
 # Largest [K, BV] tile a program holds whole (fp32 in 4 warps' registers): K = V = 128.
@@ -34,16 +32,18 @@ MAX_TILE = 128 * 128
 
 
 @triton.jit
-def _conv_silu(x_row, weight, taps, o_d, mask_d, live, W: tl.constexpr, TAPS: tl.constexpr, dtype: tl.constexpr):
+def _conv_silu(x_row, weight, ring, pos, o_d, mask_d, live, W: tl.constexpr, TAPS: tl.constexpr,
+               dtype: tl.constexpr):
     """SiLU(conv) of channels o_d, rounded to `dtype` as the unfused conv's output is, in fp32."""
-    return _silu(_conv_step(x_row, weight, taps, o_d, mask_d, live, W, TAPS)).to(dtype).to(tl.float32)
+    return _silu(_conv_step(x_row, weight, ring, pos, o_d, mask_d, live, W, TAPS)).to(dtype).to(tl.float32)
 
 
 @triton.jit
 def _conv_decode_norm_kernel(
     x,  # [N, D] pre-conv [q | k | v], D = 2 * H * K + HV * V; last dim contiguous
     conv_weight,  # [D, W], contiguous
-    conv_pool,  # [S, D, W-1], contiguous
+    conv_pool,  # [S, D, W] rings, contiguous
+    positions,  # [N] int64
     z,  # [N, HV, V] output gate; last dim contiguous
     a,  # [N, HV]
     b,  # [N, HV]
@@ -86,10 +86,11 @@ def _conv_decode_norm_kernel(
     live_k = mask_k & ((o_k * 0 + slot_id) >= 0)
     slot = tl.maximum(slot_id, 0)
     x_row = x + i_n * stride_x_n
-    taps = conv_pool + slot * (D * (W - 1))
+    ring = conv_pool + slot * (D * W)
+    pos = tl.maximum(tl.load(positions + i_n).to(tl.int64), 0)
 
-    b_q = _conv_silu(x_row, conv_weight, taps, i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
-    b_k = _conv_silu(x_row, conv_weight, taps, H * K + i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
+    b_q = _conv_silu(x_row, conv_weight, ring, pos, i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
+    b_k = _conv_silu(x_row, conv_weight, ring, pos, H * K + i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
     if USE_QK_L2NORM:
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
@@ -108,7 +109,7 @@ def _conv_decode_norm_kernel(
             o_v = i_v * BV + tl.arange(0, BV)
             mask_v = o_v < V
             live_v = mask_v & ((o_v * 0 + slot_id) >= 0)
-            b_v = _conv_silu(x_row, conv_weight, taps, 2 * H * K + i_hv * V + o_v, mask_v, live_v, W, TAPS, dtype)
+            b_v = _conv_silu(x_row, conv_weight, ring, pos, 2 * H * K + i_hv * V + o_v, mask_v, live_v, W, TAPS, dtype)
             p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
             b_o = _update_tile(p_s, live_k[:, None] & mask_v[None, :], b_q, b_k, b_v, decay, beta)
             b_o = tl.where(live_v, b_o, 0.0).to(dtype)
@@ -154,6 +155,7 @@ def conv_decode_norm(
     x: Tensor,
     conv_weight: Tensor,
     conv_pool: Tensor,
+    positions: Tensor,
     z: Tensor,
     a: Tensor,
     b: Tensor,
@@ -174,7 +176,8 @@ def conv_decode_norm(
     conv taps and recurrent states advancing in place.
 
     x: [N, 2*H*K + HV*V] pre-conv [q | k | v] (row stride free, last dim contiguous); conv_weight:
-    [D, W] (W <= 4, no bias); conv_pool: [S, D, W-1], contiguous; z: [N, HV, V] (token and head
+    [D, W] (W <= 4, no bias); conv_pool: [S, D, W] rings (kernels/conv.py), contiguous; positions: [N]
+    int64, each token's position (read on the device); z: [N, HV, V] (token and head
     strides free); a, b: [N, HV] raw gate inputs; A_log, dt_bias: [HV]; norm_weight: [V];
     state_pool: [S, HV, K, V] fp32 or bf16, contiguous; slot_ids: [N] int, < 0 for padding.
     H = num_k_heads; K is state_pool's. scale defaults to K ** -0.5. BV and num_warps override
@@ -188,7 +191,8 @@ def conv_decode_norm(
     assert HV % H == 0 and D == 2 * H * K + HV * V, f"x has {D} channels, want 2*{H}*{K} + {HV}*{V}"
     assert K <= 256, "K up to 256"
     assert conv_weight.shape == (D, W) and 2 <= W <= _MAX_WIDTH, f"conv_weight is {tuple(conv_weight.shape)}"
-    assert conv_pool.is_contiguous() and conv_pool.shape[1:] == (D, W - 1), f"conv_pool is {tuple(conv_pool.shape)}"
+    check_conv_pool(conv_pool, D, W)
+    assert positions.shape == (N,) and positions.dtype == torch.int64, "positions: [N] int64"
     assert z.shape == (N, HV, V) and a.shape == (N, HV) and b.shape == (N, HV), "z: [N, HV, V]; a, b: [N, HV]"
     assert A_log.shape == (HV,) and dt_bias.shape == (HV,) and norm_weight.shape == (V,)
     assert state_pool.dtype in (torch.float32, torch.bfloat16) and state_pool.is_contiguous()
@@ -200,7 +204,8 @@ def conv_decode_norm(
     default_BV, default_warps = fused_launch_config(K, V)
     BV = BV or default_BV
     _conv_decode_norm_kernel[(N * H,)](
-        x, conv_weight.contiguous(), conv_pool, z, a, b, A_log, dt_bias, norm_weight, state_pool, slot_ids, y,
+        x, conv_weight.contiguous(), conv_pool, positions, z, a, b, A_log, dt_bias, norm_weight, state_pool,
+        slot_ids, y,
         x.stride(0), z.stride(0), z.stride(1), a.stride(0), b.stride(0),
         K ** -0.5 if scale is None else scale, eps,
         H=H, HV=HV, K=K, V=V, W=W, BK=triton.next_power_of_2(K), BV=BV,

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conv_ring import ring_from_window, window_of_ring
 from kernels import reference
 from kernels.conv import causal_conv1d_step
 from kernels.gdn_decode import conv_decode_norm, fused_launch_config, use_fused_decode
@@ -30,7 +31,7 @@ def make_layer(H, HV, K, V, W, num_slots, state_dtype, gen):
     D = 2 * H * K + HV * V
     return dict(
         conv_weight=torch.randn(D, W, generator=gen) * 0.5,
-        conv_pool=torch.randn(num_slots, D, W - 1, generator=gen),
+        conv_pool=torch.randn(num_slots, D, W, generator=gen),  # rings by position (kernels/conv.py)
         A_log=torch.randn(HV, generator=gen) * 0.5,
         dt_bias=torch.randn(HV, generator=gen) * 0.5,
         norm_weight=torch.randn(V, generator=gen),
@@ -48,15 +49,16 @@ def step_inputs(N, H, HV, K, V, dtype, gen):
     return x, z, a, b
 
 
-def fused(x, z, a, b, layer, slot_ids, H, **launch):
-    return conv_decode_norm(x, layer["conv_weight"], layer["conv_pool"], z, a, b, layer["A_log"], layer["dt_bias"],
+def fused(x, z, a, b, layer, slot_ids, positions, H, **launch):
+    return conv_decode_norm(x, layer["conv_weight"], layer["conv_pool"], positions, z, a, b, layer["A_log"],
+                            layer["dt_bias"],
                             layer["norm_weight"], layer["state_pool"], slot_ids, num_k_heads=H, eps=EPS, **launch)
 
 
-def unfused(x, z, a, b, layer, slot_ids, H):
+def unfused(x, z, a, b, layer, slot_ids, positions, H):
     """The three kernels the decode path launches without the fusion."""
     HV, K, V = layer["state_pool"].shape[1:]
-    qkv = causal_conv1d_step(x, layer["conv_weight"], None, layer["conv_pool"], slot_ids)
+    qkv = causal_conv1d_step(x, layer["conv_weight"], None, layer["conv_pool"], slot_ids, positions)
     q, k, v = qkv.split([H * K, H * K, HV * V], dim=-1)
     o = fused_recurrent_decode(q.view(-1, H, K), k.view(-1, H, K), v.view(-1, HV, V), a, b, layer["A_log"],
                                layer["dt_bias"], layer["state_pool"], slot_ids)
@@ -64,7 +66,8 @@ def unfused(x, z, a, b, layer, slot_ids, H):
 
 
 def reference_step(x, z, a, b, layer, H):
-    """The reference on a gathered batch (no padding), advancing layer's conv and state tensors in place."""
+    """The reference on a gathered batch (no padding), advancing layer's conv windows [N, D, W-1] and states
+    in place."""
     HV, K, V = layer["state_pool"].shape[1:]
     N = x.shape[0]
     qkv = reference.causal_conv1d_update(x.float(), layer["conv_pool"], layer["conv_weight"])
@@ -83,14 +86,22 @@ def run_steps(*, H, HV, K, V, W=4, slot_ids, num_slots, steps, dtype, state_dtyp
     slot_ids = torch.tensor(slot_ids)
     live = (slot_ids >= 0).nonzero().flatten()
     layer = make_layer(H, HV, K, V, W, num_slots, state_dtype, gen)
+    starts = torch.tensor([(3 * i) % 7 for i in range(len(slot_ids))])  # 0, 3, 6, 2, 5, ...: the first step's
+    # Each live request's inputs before its start, as its slot's ring (zero before position 0).
+    windows = torch.randn(len(live), layer["conv_pool"].shape[1], W - 1, generator=gen)
+    for n, i in enumerate(live):
+        windows[n] = window_of_ring(ring_from_window(windows[n], int(starts[i])), int(starts[i]))
+        layer["conv_pool"][slot_ids[i]] = ring_from_window(windows[n], int(starts[i]))
     before = {name: t.clone() for name, t in layer.items()}
     ref = {name: t[slot_ids[live]].float() if name.endswith("pool") else t for name, t in before.items()}
+    ref["conv_pool"] = windows
     ys, ys_ref = [], []
-    for _ in range(steps):
+    for step in range(steps):
         x, z, a, b = step_inputs(len(slot_ids), H, HV, K, V, dtype, gen)
-        ys.append(fused(x, z, a, b, layer, slot_ids, H, **launch))
+        ys.append(fused(x, z, a, b, layer, slot_ids, starts + step, H, **launch))
         ys_ref.append(reference_step(x[live], z[live], a[live], b[live], ref, H))
-    return dict(layer=layer, before=before, ref=ref, ys=ys, ys_ref=ys_ref, live=live, slot_ids=slot_ids)
+    return dict(layer=layer, before=before, ref=ref, ys=ys, ys_ref=ys_ref, live=live, slot_ids=slot_ids,
+                ends=starts + steps)
 
 
 @pytest.mark.parametrize("dtype,state_dtype,tol", [
@@ -114,7 +125,9 @@ def test_steps_match_reference_with_gva_odd_sizes_shuffled_slots_and_padding(dty
     assert rel_err(r["layer"]["state_pool"][slots], r["ref"]["state_pool"]) < state_tol
     # The conv taps are the last inputs, stored as they came (fp32 pool: bit for bit).
     taps_tol = 0 if dtype == torch.float32 else 1e-2
-    assert rel_err(r["layer"]["conv_pool"][slots], r["ref"]["conv_pool"]) <= taps_tol
+    taps = torch.stack([window_of_ring(r["layer"]["conv_pool"][slot], int(r["ends"][i]))
+                        for i, slot in zip(live, slots)])
+    assert rel_err(taps, r["ref"]["conv_pool"]) <= taps_tol
 
 
 def test_slots_outside_the_batch_and_padding_are_untouched_bit_for_bit():
@@ -131,7 +144,7 @@ def test_an_all_padding_batch_changes_nothing_and_returns_zeros():
     layer = make_layer(2, 2, 16, 16, 4, 3, torch.float32, gen)
     before = {name: t.clone() for name, t in layer.items()}
     x, z, a, b = step_inputs(3, 2, 2, 16, 16, torch.bfloat16, gen)
-    y = fused(x, z, a, b, layer, torch.full((3,), -1, dtype=torch.int32), 2)
+    y = fused(x, z, a, b, layer, torch.full((3,), -1, dtype=torch.int32), torch.tensor([0, 4, 9]), 2)
     assert torch.equal(y, torch.zeros_like(y))
     assert all(torch.equal(layer[name], before[name]) for name in layer)
 
@@ -146,10 +159,11 @@ def test_equals_the_three_unfused_kernels_up_to_summation_order(state_dtype, BV)
     slot_ids = torch.tensor([5, 1, -1, 3])
     one = make_layer(H, HV, K, V, 4, 6, state_dtype, gen)
     two = {name: t.clone() for name, t in one.items()}
-    for _ in range(3):
+    for step in range(3):
         x, z, a, b = step_inputs(4, H, HV, K, V, torch.bfloat16, gen)
-        y_fused = fused(x, z, a, b, one, slot_ids, H, BV=BV)
-        y_unfused = unfused(x, z, a, b, two, slot_ids, H)
+        positions = torch.tensor([2, 0, 7, 5]) + step
+        y_fused = fused(x, z, a, b, one, slot_ids, positions, H, BV=BV)
+        y_unfused = unfused(x, z, a, b, two, slot_ids, positions, H)
         assert rel_err(y_fused, y_unfused) < 4e-3
     assert torch.equal(one["conv_pool"], two["conv_pool"])
     assert rel_err(one["state_pool"], two["state_pool"]) < (1e-6 if state_dtype == torch.float32 else 4e-3)

@@ -10,6 +10,10 @@ On "triton", a mixed step (decodes and prompt chunks) runs its decodes through t
 kernels and only the chunks through the chunkwise ones: in the chunk kernels every one-token
 sequence would cost a whole 64-token chunk's work and its own launch programs. A small decode-only
 step runs conv, delta rule and gated norm as one kernel (`fused_decode`, kernels/gdn_decode.py).
+
+The conv state of a slot is a ring of the last W inputs by position (kernels/conv.py): [D, W],
+x_p in cell p % W. The torch backend gathers a sequence's W-1 earlier inputs from it in
+chronological order for kernels/reference.py and stores the new ones back at their cells.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ def fused_decode(spec: GDNSpec, qkv: torch.Tensor, z: torch.Tensor, a: torch.Ten
     """gated_rms_norm(delta_rule(short_conv(qkv)), z) in one launch: qkv [T, conv_dim] pre-conv,
     z [T, HV, V], a, b [T, HV] -> [T, HV, V]; the batch's conv taps and states advance."""
     from kernels.gdn_decode import conv_decode_norm
-    return conv_decode_norm(qkv, conv_weight, conv_pool, z, a, b, A_log, dt_bias, norm_weight, state_pool,
-                            batch.slot_ids, num_k_heads=spec.num_k_heads, eps=spec.norm_eps)
+    return conv_decode_norm(qkv, conv_weight, conv_pool, batch.positions, z, a, b, A_log, dt_bias, norm_weight,
+                            state_pool, batch.slot_ids, num_k_heads=spec.num_k_heads, eps=spec.norm_eps)
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, batch: Batch, conv_pool: torch.Tensor,
@@ -58,16 +62,38 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, batch: Batch, conv_pool: t
     if backend == "triton":
         from kernels import conv
         if decode_only:
-            return conv.causal_conv1d_step(x, weight, None, conv_pool, slots)
+            return conv.causal_conv1d_step(x, weight, None, conv_pool, slots, batch.positions)
         d, rest = batch.num_single, batch.after_single
-        chunks = conv.causal_conv1d_prefill(x[d:], weight, None, rest.cu_seqlens, conv_pool, rest.slot_ids,
-                                            rest.has_past)
+        chunks = conv.causal_conv1d_prefill(x[d:], weight, None, rest.cu_seqlens, rest.positions, conv_pool,
+                                            rest.slot_ids)
         if d == 0:
             return chunks
-        return torch.cat([conv.causal_conv1d_step(x[:d], weight, None, conv_pool, slots[:d]), chunks])
-    y, new_taps = reference.causal_conv1d(x, weight, cu_seqlens=batch.cu_seqlens, initial_state=conv_pool[slots])
-    conv_pool[slots] = new_taps
+        return torch.cat([conv.causal_conv1d_step(x[:d], weight, None, conv_pool, slots[:d], batch.positions[:d]),
+                          chunks])
+    starts = batch.positions[batch.cu_seqlens[:-1]]  # [N]
+    rings = conv_pool[slots]  # [N, D, W]
+    y, new_taps = reference.causal_conv1d(x, weight, cu_seqlens=batch.cu_seqlens,
+                                          initial_state=ring_window(rings, starts))
+    ends = starts + (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1])
+    conv_pool[slots] = ring_stored(rings, new_taps, ends)
     return y
+
+
+def ring_window(rings: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """The W-1 inputs before position starts[n] from rings [N, D, W], oldest first ([N, D, W-1]);
+    zero where the position is < 0."""
+    N, D, W = rings.shape
+    before = starts[:, None] - (W - 1) + torch.arange(W - 1, device=rings.device)  # [N, W-1]
+    taps = rings.gather(2, (before % W)[:, None, :].expand(N, D, W - 1))
+    return torch.where((before >= 0)[:, None, :], taps, 0)
+
+
+def ring_stored(rings: torch.Tensor, taps: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """rings [N, D, W] with taps [N, D, W-1] (the W-1 inputs before position ends[n], oldest first)
+    written at their cells."""
+    N, D, W = rings.shape
+    before = ends[:, None] - (W - 1) + torch.arange(W - 1, device=rings.device)
+    return rings.scatter(2, (before % W)[:, None, :].expand(N, D, W - 1), taps.to(rings.dtype))
 
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

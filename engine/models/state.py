@@ -83,11 +83,10 @@ class Batch:
         if d == 0:
             return self
         cu = self.cu_seqlens[d:] - d
-        slot_ids = self.slot_ids[d:]
-        if slot_ids.data_ptr() % 16:  # an odd d: a copy, 16 bytes aligned as every Batch.build tensor (see there)
-            slot_ids = slot_ids.clone()
-        return Batch(self.lens[d:], self.starts[d:], cu, slot_ids, self.positions[d:], self.token_slots[d:],
-                     self.attn_len)
+        slot_ids, positions = self.slot_ids[d:], self.positions[d:]
+        if slot_ids.data_ptr() % 16:  # an odd d: copies, 16 bytes aligned as every Batch.build tensor (see there)
+            slot_ids, positions = slot_ids.clone(), positions.clone()
+        return Batch(self.lens[d:], self.starts[d:], cu, slot_ids, positions, self.token_slots[d:], self.attn_len)
 
     @cached_property
     def attention_groups(self) -> list[QueryGroup]:
