@@ -8,7 +8,8 @@ plus the gaps between them. Here one program owns a (request, key head): it conv
 q and k once, then walks the group's G = HV / H value heads, each a [K, V] state with its v
 channels, in [K, BV] tiles (the whole row where it fits). Owning whole V rows is what the gated
 RMSNorm over V needs, so it is the epilogue. (The conv taps are a ring indexed by position,
-kernels/conv.py, so reading them from several programs would be race-free too.)
+kernels/conv.py, so reading them from several programs would be race-free too: kernels/recurrent.py
+folds the conv into the decode kernel's finer grid that way.)
 
 The price is fewer, longer programs (N * H of them, against N * HV * V / BV for the decode
 kernel): at batches that fill the GPU the state streams slower than in the decode kernel and the

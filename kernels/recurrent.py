@@ -22,6 +22,10 @@ A bf16 pool halves those bytes: the state is loaded into fp32, updated and used 
 fp32, and only the copy stored back is rounded to bf16. Its rows are 128 bytes at BV=64; the launch
 shapes below were measured with fp32 state only.
 
+`conv_recurrent_decode` folds the short conv in front (same grid, the pre-conv [q | k | v] row in,
+the conv taps a ring by position, kernels/conv.py): a decode-only step's conv and delta rule in one
+launch. `FOLD_CONV` in engine/models/gdn_backend.py is the switch the engine reads.
+
 Index arithmetic on the pool is 64-bit (the slot index is cast before it is multiplied): a pool
 of more than 2^31 elements is normal on an 80 GB card.
 """
@@ -30,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from kernels.conv import _MAX_WIDTH, _ring_conv, _ring_store, _silu, check_conv_pool
 
 
 @triton.jit
@@ -59,9 +65,9 @@ def _update_tile(p_s, mask_s, b_q, b_k, b_v, decay, beta):
 
 @triton.jit
 def _fused_recurrent_decode_kernel(
-    q,  # [N, H, K]
-    k,  # [N, H, K]
-    v,  # [N, HV, V]
+    q,  # [N, H, K]; with FOLD_CONV the q part of the pre-conv [q | k | v] rows
+    k,  # [N, H, K]; with FOLD_CONV the k part of the same rows
+    v,  # [N, HV, V]; with FOLD_CONV the v part of the same rows
     a,  # [N, HV]
     b,  # [N, HV]
     A_log,  # [HV]
@@ -69,6 +75,9 @@ def _fused_recurrent_decode_kernel(
     state_pool,  # [S, HV, K, V] fp32 or bf16, contiguous
     slot_ids,  # [N]
     o,  # [N, HV, V], contiguous
+    conv_weight,  # [2*H*K + HV*V, W], contiguous (read only with FOLD_CONV)
+    conv_pool,  # [S, 2*H*K + HV*V, W] rings, contiguous (FOLD_CONV)
+    positions,  # [N] int64 (FOLD_CONV)
     stride_q_n,
     stride_q_h,
     stride_k_n,
@@ -85,6 +94,9 @@ def _fused_recurrent_decode_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    FOLD_CONV: tl.constexpr,
+    W: tl.constexpr,
+    TAPS: tl.constexpr,
 ):
     # One flat grid (the y/z grid dimensions stop at 65535): consecutive programs walk the V
     # blocks of one head, so together they sweep its [K, V] state front to back.
@@ -103,10 +115,38 @@ def _fused_recurrent_decode_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     mask_k = o_k < K
     mask_v = o_v < V
+    # Padding loads and stores nothing (the validity enters as vectors: a scalar operand in a
+    # mask trips the interpreter) and addresses slot 0 rather than off the pool.
+    live_k = mask_k & ((o_k * 0 + slot) >= 0)
+    live_v = mask_v & ((o_v * 0 + slot) >= 0)
+    slot = tl.maximum(slot, 0)
 
     b_q = tl.load(q + i_n * stride_q_n + i_h * stride_q_h + o_k, mask=mask_k, other=0).to(tl.float32)
     b_k = tl.load(k + i_n * stride_k_n + i_h * stride_k_h + o_k, mask=mask_k, other=0).to(tl.float32)
     b_v = tl.load(v + i_n * stride_v_n + i_hv * stride_v_h + o_v, mask=mask_v, other=0).to(tl.float32)
+    if FOLD_CONV:
+        # The short conv (SiLU) of this token's channels, from the slot's ring of taps (kernels/conv.py).
+        # A key head's q/k channels are read by all G * NV programs of its group, so one of them
+        # (the group's first value head, V block 0) stores their inputs; each program stores its own
+        # v channels. The stored cell is this position's, which no program reads: no race.
+        D: tl.constexpr = 2 * H * K + HV * V
+        pos = tl.maximum(tl.load(positions + i_n).to(tl.int64), 0)
+        ring = conv_pool + slot * (D * W)
+        c_q = i_h * K + o_k
+        c_k = H * K + i_h * K + o_k
+        c_v = 2 * H * K + i_hv * V + o_v
+        writes_qk = live_k & ((o_k * 0 + (i_hv % (HV // H)) + i_v) == 0)
+        x_dtype = v.dtype.element_ty
+        y_q = _ring_conv(b_q, conv_weight, ring, pos, c_q, mask_k, live_k, W, TAPS)
+        y_k = _ring_conv(b_k, conv_weight, ring, pos, c_k, mask_k, live_k, W, TAPS)
+        y_v = _ring_conv(b_v, conv_weight, ring, pos, c_v, mask_v, live_v, W, TAPS)
+        _ring_store(b_q, ring, pos, c_q, writes_qk, W)
+        _ring_store(b_k, ring, pos, c_k, writes_qk, W)
+        _ring_store(b_v, ring, pos, c_v, live_v, W)
+        # Rounded to x's dtype, as the unfused conv stores its output.
+        b_q = _silu(y_q).to(x_dtype).to(tl.float32)
+        b_k = _silu(y_k).to(x_dtype).to(tl.float32)
+        b_v = _silu(y_v).to(x_dtype).to(tl.float32)
     decay, beta = _gates(tl.load(a + i_n * stride_a_n + i_hv).to(tl.float32),
                          tl.load(b + i_n * stride_b_n + i_hv).to(tl.float32),
                          tl.load(A_log + i_hv).to(tl.float32), tl.load(dt_bias + i_hv).to(tl.float32))
@@ -116,10 +156,7 @@ def _fused_recurrent_decode_kernel(
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
     b_q = b_q * scale
 
-    # Padding loads and stores nothing (the validity enters as a vector: a scalar operand in a
-    # mask trips the interpreter) and addresses slot 0 rather than off the pool.
-    mask_s = ((o_k * 0 + slot) >= 0)[:, None] & mask_k[:, None] & mask_v[None, :]
-    slot = tl.maximum(slot, 0)
+    mask_s = live_k[:, None] & mask_v[None, :]
     p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
     b_o = _update_tile(p_s, mask_s, b_q, b_k, b_v, decay, beta)
 
@@ -193,6 +230,54 @@ def fused_recurrent_decode(
     scale defaults to K ** -0.5. BV and num_warps override the launch heuristic (benchmarks).
     Returns o: [N, HV, V] in v.dtype (zero rows for padding).
     """
+    q, k, v, a, b = (_last_dim_contiguous(x) for x in (q, k, v, a, b))
+    return _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, None, scale, use_qk_l2norm, BV, num_warps)
+
+
+def conv_recurrent_decode(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_pool: Tensor,
+    positions: Tensor,
+    a: Tensor,
+    b: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    state_pool: Tensor,
+    slot_ids: Tensor,
+    *,
+    num_k_heads: int,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    BV: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
+    """fused_recurrent_decode with the short conv (SiLU, no bias) folded in: one launch where the
+    unfused step takes causal_conv1d_step and fused_recurrent_decode, same grid, same result.
+
+    x: [N, 2*H*K + HV*V] pre-conv [q | k | v] (row stride free, last dim contiguous), H =
+    num_k_heads; conv_weight: [D, W] (W <= 4); conv_pool: [S, D, W] rings (kernels/conv.py),
+    contiguous, each request's input stored at its position's cell; positions: [N] int64, read on
+    the device. The rest as for fused_recurrent_decode. Returns o: [N, HV, V] in x.dtype.
+    """
+    N, D = x.shape
+    HV, K, V = state_pool.shape[1:]
+    H = num_k_heads
+    W = conv_weight.shape[1]
+    assert HV % H == 0 and D == 2 * H * K + HV * V, f"x has {D} channels, want 2*{H}*{K} + {HV}*{V}"
+    assert conv_weight.shape == (D, W) and 2 <= W <= _MAX_WIDTH, f"conv_weight is {tuple(conv_weight.shape)}"
+    check_conv_pool(conv_pool, D, W)
+    assert positions.shape == (N,) and positions.dtype == torch.int64, "positions: [N] int64"
+    x, a, b = (_last_dim_contiguous(t) for t in (x, a, b))
+    q = x[:, : H * K].unflatten(1, (H, K))
+    k = x[:, H * K : 2 * H * K].unflatten(1, (H, K))
+    v = x[:, 2 * H * K :].unflatten(1, (HV, V))
+    conv = (conv_weight.contiguous(), conv_pool, positions)
+    return _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, conv, scale, use_qk_l2norm, BV, num_warps)
+
+
+def _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, conv, scale, use_qk_l2norm, BV, num_warps):
+    """Both entry points' launch; conv: (weight, pool, positions) to fold the conv in, or None."""
     N, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     assert k.shape == (N, H, K) and v.shape[0] == N, "q, k, v shapes disagree"
@@ -205,7 +290,6 @@ def fused_recurrent_decode(
     assert slot_ids.shape == (N,) and slot_ids.dtype in (torch.int32, torch.int64), "slot_ids: [N] int"
     assert K <= 256 and V <= 1024, "K up to 256 and V up to 1024"
 
-    q, k, v, a, b = (_last_dim_contiguous(x) for x in (q, k, v, a, b))
     if scale is None:
         scale = K ** -0.5
     o = torch.empty(N, HV, V, dtype=v.dtype, device=v.device)
@@ -214,14 +298,16 @@ def fused_recurrent_decode(
     default_BV, default_warps = decode_launch_config(N, HV, K, V, v.device, state_pool.element_size())
     BV = BV or default_BV
     num_warps = num_warps or default_warps
+    conv_weight, conv_pool, positions = conv or (q, q, slot_ids)  # unread without FOLD_CONV
     grid = (N * HV * triton.cdiv(V, BV),)
     _fused_recurrent_decode_kernel[grid](
-        q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, o,
+        q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, o, conv_weight, conv_pool, positions,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         a.stride(0), b.stride(0),
         scale,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
-        USE_QK_L2NORM=use_qk_l2norm,
+        USE_QK_L2NORM=use_qk_l2norm, FOLD_CONV=conv is not None,
+        W=conv_weight.shape[1] if conv else 1, TAPS=_MAX_WIDTH,
         num_warps=num_warps,
     )
     return o

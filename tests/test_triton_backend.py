@@ -22,17 +22,28 @@ def pair(tmp_path_factory):
             load_model(folder, device="cpu", backend="triton").model)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_triton_backend_matches_reference_through_prefill_and_decode(pair, fused, monkeypatch):
-    # fused: decode-only steps run conv, delta rule and gated norm as one kernel (kernels/gdn_decode.py)
-    torch_model, triton_model = pair
+def use_decode_path(monkeypatch, path: str) -> None:
+    """Make decode-only steps take `path`: "unfused" (conv step, decode, norm: three launches), "folded"
+    (the conv inside the decode kernel, then the norm) or "fused" (kernels/gdn_decode.py, one launch)."""
+    import engine.models.gdn_backend
     import kernels.gdn_decode
-    monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: fused)
+    monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: path == "fused")
+    monkeypatch.setattr(engine.models.gdn_backend, "FOLD_CONV", path == "folded")
+
+
+@pytest.mark.parametrize("path", ["unfused", "folded", "fused"])
+def test_triton_backend_matches_reference_through_prefill_and_decode(pair, path, monkeypatch):
+    torch_model, triton_model = pair
+    use_decode_path(monkeypatch, path)
     import kernels.recurrent
-    decode_batches = []  # sizes of the batches the single-token kernel ran
+    decode_batches = []  # sizes of the batches the single-token kernel ran, post-conv
     decode = kernels.recurrent.fused_recurrent_decode
     monkeypatch.setattr(kernels.recurrent, "fused_recurrent_decode",
                         lambda q, *a, **k: decode_batches.append(q.shape[0]) or decode(q, *a, **k))
+    folded_batches = []  # ... and with the conv folded in
+    conv_decode = kernels.recurrent.conv_recurrent_decode
+    monkeypatch.setattr(kernels.recurrent, "conv_recurrent_decode",
+                        lambda x, *a, **k: folded_batches.append(x.shape[0]) or conv_decode(x, *a, **k))
     import kernels.chunk
     plans = []  # one chunk table per forward with prompt chunks, shared by its layers
     plan_chunks = kernels.chunk.plan_chunks
@@ -60,9 +71,12 @@ def test_triton_backend_matches_reference_through_prefill_and_decode(pair, fused
             outs.append(model.logits(model(ids, Batch.build(sizes, slots, starts, model.device), pool)))
             starts = [s + n for s, n in zip(starts, sizes)]
         results.append(outs)
-    # per layer: 3 in each decode step (unless fused); in the last mixed step the 2 leading decodes
+    # per layer: 3 in each decode step (through the path's kernel); in the last mixed step the 2 leading
+    # decodes, unfolded (mixed steps run the conv over the whole batch first)
     layers = SMALL["num_hidden_layers"]
-    assert decode_batches == ([] if fused else [3] * 2 * layers) + [2] * layers
+    decode_steps = [3] * 2 * layers
+    assert decode_batches == (decode_steps if path == "unfused" else []) + [2] * layers
+    assert folded_batches == (decode_steps if path == "folded" else [])
     assert len(plans) == 3  # the prompts, and the two mixed steps
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
@@ -79,14 +93,14 @@ def qwen_pair(tmp_path_factory):
     return [load_model(folder, device="cpu", backend=b).model for b in ("torch", "triton")]
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_step(qwen_pair, fused, monkeypatch):
+@pytest.mark.parametrize("path", ["unfused", "folded", "fused"])
+def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_step(qwen_pair, path, monkeypatch):
     # fused: decode-only steps take the one-launch conv -> delta rule -> gated norm kernel whatever their
     # size (on a GPU only batches that fill it do).
     import kernels.gdn_decode
     fused_batches = []
     conv_decode_norm = kernels.gdn_decode.conv_decode_norm
-    monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: fused)
+    use_decode_path(monkeypatch, path)
     monkeypatch.setattr(kernels.gdn_decode, "conv_decode_norm",
                         lambda x, *a, **k: fused_batches.append(x.shape[0]) or conv_decode_norm(x, *a, **k))
     lens, slots = [6, 33, 2], [0, 2, 1]
@@ -108,7 +122,7 @@ def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_
         outs.append(model.logits(model(ids, Batch.build(sizes, slots, positions, model.device), pool)))
         results.append((outs, pool))
     # 3 Gated DeltaNet layers in each of the 3 padded decode steps
-    assert fused_batches == ([4] * 3 * 3 if fused else [])
+    assert fused_batches == ([4] * 3 * 3 if path == "fused" else [])
     (expected, ref_pool), (got, pool) = results
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4)

@@ -9,7 +9,8 @@ pool's dtype (fp32 or bf16) and round only the states they store back.
 On "triton", a mixed step (decodes and prompt chunks) runs its decodes through the single-token
 kernels and only the chunks through the chunkwise ones: in the chunk kernels every one-token
 sequence would cost a whole 64-token chunk's work and its own launch programs. A small decode-only
-step runs conv, delta rule and gated norm as one kernel (`fused_decode`, kernels/gdn_decode.py).
+step runs conv, delta rule and gated norm as one kernel (`fused_decode`, kernels/gdn_decode.py); a
+larger one folds the conv into the decode kernel (`conv_delta_rule_decode`) unless FOLD_CONV is off.
 
 The conv state of a slot is a ring of the last W inputs by position (kernels/conv.py): [D, W],
 x_p in cell p % W. The torch backend gathers a sequence's W-1 earlier inputs from it in
@@ -25,6 +26,11 @@ from engine.models.state import Batch
 from kernels import reference
 
 BACKENDS = ("torch", "triton")
+
+# Whether a decode-only triton step (past fused_decode's batches) runs the short conv inside the
+# decode kernel (kernels/recurrent.py conv_recurrent_decode) rather than as its own launch. Read at
+# every forward, so a benchmark can time both in one process (with CUDA graphs: capture after setting it).
+FOLD_CONV = True
 
 
 def fuses_decode(spec: GDNSpec, batch: Batch, backend: str, state_pool: torch.Tensor) -> bool:
@@ -53,6 +59,21 @@ def fused_decode(spec: GDNSpec, qkv: torch.Tensor, z: torch.Tensor, a: torch.Ten
     from kernels.gdn_decode import conv_decode_norm
     return conv_decode_norm(qkv, conv_weight, conv_pool, batch.positions, z, a, b, A_log, dt_bias, norm_weight,
                             state_pool, batch.slot_ids, num_k_heads=spec.num_k_heads, eps=spec.norm_eps)
+
+
+def folds_conv(spec: GDNSpec, batch: Batch, backend: str) -> bool:
+    """Whether this step's conv and delta rule run as conv_delta_rule_decode (one launch)."""
+    return FOLD_CONV and backend == "triton" and batch.decode_only and not spec.allow_neg_eigval
+
+
+def conv_delta_rule_decode(spec: GDNSpec, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                           conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, batch: Batch,
+                           conv_pool: torch.Tensor, state_pool: torch.Tensor) -> torch.Tensor:
+    """delta_rule(short_conv(qkv)) of a decode-only step in one launch: qkv [T, conv_dim] pre-conv,
+    a, b [T, HV] -> o [T, HV, V]; the batch's conv taps and states advance."""
+    from kernels.recurrent import conv_recurrent_decode
+    return conv_recurrent_decode(qkv, conv_weight, conv_pool, batch.positions, a, b, A_log, dt_bias, state_pool,
+                                 batch.slot_ids, num_k_heads=spec.num_k_heads)
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, batch: Batch, conv_pool: torch.Tensor,

@@ -93,14 +93,18 @@ class GatedDeltaNet(nn.Module):
                                          self.norm_weight, batch, pool.conv[layer], pool.recurrent[layer])
             return o.reshape(T, s.value_dim) @ self.out_proj.t()
 
-        decode_only = batch.decode_only
-        qkv = gdn_backend.short_conv(qkv, self.conv_weight, batch, pool.conv[layer], decode_only, self.backend)
-        q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
-        q = q.reshape(T, s.num_k_heads, s.head_k_dim)
-        k = k.reshape(T, s.num_k_heads, s.head_k_dim)
-        v = v.reshape(T, s.num_v_heads, s.head_v_dim)
-        o = gdn_backend.delta_rule(q, k, v, a, b, self.A_log, self.dt_bias, s.allow_neg_eigval, batch,
-                                   pool.recurrent[layer], decode_only, self.backend)
+        if gdn_backend.folds_conv(s, batch, self.backend):
+            o = gdn_backend.conv_delta_rule_decode(s, qkv, a, b, self.conv_weight, self.A_log, self.dt_bias, batch,
+                                                   pool.conv[layer], pool.recurrent[layer])
+        else:
+            decode_only = batch.decode_only
+            qkv = gdn_backend.short_conv(qkv, self.conv_weight, batch, pool.conv[layer], decode_only, self.backend)
+            q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
+            q = q.reshape(T, s.num_k_heads, s.head_k_dim)
+            k = k.reshape(T, s.num_k_heads, s.head_k_dim)
+            v = v.reshape(T, s.num_v_heads, s.head_v_dim)
+            o = gdn_backend.delta_rule(q, k, v, a, b, self.A_log, self.dt_bias, s.allow_neg_eigval, batch,
+                                       pool.recurrent[layer], decode_only, self.backend)
 
         o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation, self.backend)
         return o.reshape(T, s.value_dim) @ self.out_proj.t()
