@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from engine.models import gdn_backend  # noqa: E402
 from engine.loader import load_model  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.slots import SlotPool, resolve_state_dtype  # noqa: E402
@@ -169,6 +170,9 @@ def main() -> None:
                              "(e.g. float32,bfloat16)")
     parser.add_argument("--state-dtypes", default="float32",
                         help="recurrent state dtypes to run our batches with (e.g. float32,bfloat16)")
+    parser.add_argument("--fold-conv", default="on", choices=["on", "off", "both"],
+                        help="decode-only steps with the short conv inside the decode kernel or as its own "
+                             "launch (engine/models/gdn_backend.FOLD_CONV); both: our batches once each way")
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
     report(what="copy", TBps=round(copy_bw / 1e12, 3), gpu=torch.cuda.get_device_name())
@@ -181,9 +185,14 @@ def main() -> None:
     capacity(loaded, args.state_dtypes.split(","))
     if "bfloat16" in args.check_dtypes.split(","):
         check_determinism(loaded, args.prompt)
-    for state_dtype in args.state_dtypes.split(","):
-        for b in [int(b) for b in args.batches.split(",") if b]:
-            run_ours(loaded, b, args.prompt, args.new, copy_bw, state_dtype)
+    folds = {"on": [True], "off": [False], "both": [True, False]}[args.fold_conv]
+    for fold in folds:
+        gdn_backend.FOLD_CONV = fold  # before each engine captures its decode graphs
+        if len(folds) > 1:
+            report(what="fold_conv", on=fold)
+        for state_dtype in args.state_dtypes.split(","):
+            for b in [int(b) for b in args.batches.split(",") if b]:
+                run_ours(loaded, b, args.prompt, args.new, copy_bw, state_dtype)
     for b in [int(b) for b in args.hf_batches.split(",") if b]:
         run_hf(hf_model, b, args.prompt, args.new)
 
