@@ -335,7 +335,6 @@ def sass_report(wy_solve="", variants=(), shape=-1):
     from kernels.chunk_output import _output_kernel
     from kernels.chunk_state import _state_kernel
     from kernels.chunk_wy import _wy_kernel
-    from kernels.chunk_wy_split import _wy_apply_kernel, _wy_solve_kernel
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     ptr = {"cu_seqlens": "*i64", "chunk_start": "*i64", "chunk_seq": "*i32", "slot_ids": "*i64",
@@ -372,11 +371,6 @@ def sass_report(wy_solve="", variants=(), shape=-1):
         build(_wy_kernel, dict(common, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=True, EPS=1e-6,
                                SOLVE_TOGETHER=cfg.wy_solve == "together"), cfg.wy_warps,
               cfg.wy_stages)
-        build(_wy_solve_kernel, dict(H=H, HV=HV, K=K, F32=False, BK=cfg.wy_bk, USE_L2=True,
-                                     EPS=1e-6, SOLVE_TOGETHER=cfg.wy_solve == "together"),
-              cfg.wy_warps, cfg.wy_stages)
-        ab = cfg.wy_apply_b
-        build(_wy_apply_kernel, dict(common, BK=min(ab, K), BV=min(ab, V)), cfg.wy_apply_warps)
         two_k = K > 128 or cfg.state_split
         bk = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
         build(_state_kernel, dict(common, BK=bk, TWO_K=two_k, BV=cfg.state_bv),

@@ -8,8 +8,7 @@ Packed varlen layout, as kernels/reference.py:
 Three launches, all over chunks that never cross a sequence boundary:
   1. kernels/chunk_wy.py     (chunk, value head), parallel: G (cumsum of g), 1/||k||,
                              T = (I + A)^-1 kept on chip, w = T diag(beta exp G) K_hat,
-                             u = T diag(beta) V. (ChunkConfig.wy_split: the same as two
-                             launches, kernels/chunk_wy_split.py; measured slower, off.)
+                             u = T diag(beta) V.
   2. kernels/chunk_state.py  (sequence, value head, V block), sequential over the sequence's
                              chunks: carries the fp32 state, writes each chunk's entering state
                              h[c] (input dtype) and v_new = u - w h[c]; final state to its slot.
@@ -32,7 +31,6 @@ from triton.runtime.errors import OutOfResources
 from kernels.chunk_output import _output_kernel
 from kernels.chunk_state import _state_kernel
 from kernels.chunk_wy import _wy_kernel
-from kernels.chunk_wy_split import _wy_apply_kernel, _wy_solve_kernel
 
 CHUNK = 64  # C: tokens per chunk
 
@@ -54,11 +52,6 @@ class ChunkConfig:
     wy_warps: int = 4
     wy_stages: int = 3
     wy_solve: str = "together"  # (I + A)^-1: "together" or "blocks" (kernels/chunk_wy.py)
-    # Launch 1 as two kernels (kernels/chunk_wy_split.py): T, then w and u. Off: 4% slower on an
-    # H200 at H16 HV32 16 x 4096, 5% at T = 8192 (the file says why).
-    wy_split: bool = False
-    wy_apply_b: int = 64  # columns of w (of K) or u (of V) per program of the split's second kernel
-    wy_apply_warps: int = 4
 
 
 def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
@@ -179,30 +172,12 @@ def launch_wy(k: Tensor, v: Tensor, g: Tensor, beta: Tensor, plan: ChunkPlan, cf
     w = torch.empty(T, HV, K, dtype=dtype, device=dev)
     u = torch.empty(T, HV, V, dtype=dtype, device=dev)
     scratch = torch.empty(NC, HV, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    f32 = dev.type == "cpu"
-    if not cfg.wy_split:
-        cfg = _launch_fitting(cfg, "wy", lambda c: _wy_kernel[(NC, HV)](
-            k, v, g, beta, G, rk, w, u, scratch, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq,
-            N, H=H, HV=HV, K=K, V=V, BK=c.wy_bk, BV=c.wy_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
-            F32=f32, SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps,
-            num_stages=c.wy_stages,
-        ))
-        return cfg, G, rk, w, u
-    Tm = torch.empty(T, HV, CHUNK, dtype=dtype, device=dev)  # (I + A)^-1, row tok of its chunk
-    cfg = _launch_fitting(cfg, "wy", lambda c: _wy_solve_kernel[(NC * HV,)](
-        k, g, beta, G, rk, Tm, scratch, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N,
-        H=H, HV=HV, K=K, BK=c.wy_bk, USE_L2=use_qk_l2norm, EPS=1e-6, F32=f32,
-        SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps, num_stages=c.wy_stages,
+    cfg = _launch_fitting(cfg, "wy", lambda c: _wy_kernel[(NC, HV)](
+        k, v, g, beta, G, rk, w, u, scratch, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N,
+        H=H, HV=HV, K=K, V=V, BK=c.wy_bk, BV=c.wy_bv, USE_L2=use_qk_l2norm, EPS=1e-6,
+        F32=dev.type == "cpu", SOLVE_TOGETHER=c.wy_solve == "together", num_warps=c.wy_warps,
+        num_stages=c.wy_stages,
     ))
-
-    def apply(c):
-        bk = min(c.wy_apply_b, max(16, triton.next_power_of_2(K)))
-        bv = min(c.wy_apply_b, max(16, triton.next_power_of_2(V)))
-        _wy_apply_kernel[(NC * HV * (triton.cdiv(K, bk) + triton.cdiv(V, bv)),)](
-            k, v, beta, G, rk, Tm, w, u, plan.cu_seqlens, plan.chunk_start, plan.chunk_seq, N,
-            H=H, HV=HV, K=K, V=V, BK=bk, BV=bv, F32=f32, num_warps=c.wy_apply_warps)
-
-    cfg = _launch_fitting(cfg, "wy_apply", apply)
     return cfg, G, rk, w, u
 
 
@@ -276,8 +251,6 @@ def _shrink(cfg: ChunkConfig, kernel: str) -> ChunkConfig | None:
         if cfg.out_bk > 16:
             return replace(cfg, out_bk=cfg.out_bk // 2)
         return None  # out_bv is not narrowed: V blocks of 32 faulted on Triton 3.6 (see pick_config)
-    if kernel == "wy_apply":
-        return replace(cfg, wy_apply_b=cfg.wy_apply_b // 2) if cfg.wy_apply_b > 16 else None
     if cfg.wy_stages > 1:
         return replace(cfg, wy_stages=cfg.wy_stages - 1)
     if cfg.wy_bv > 16:

@@ -145,48 +145,6 @@ def _solve_together(p_s, A):
     return _tf32(Y, Dinv)
 
 
-@triton.jit
-def _chunk_T(k, g, beta, G, rk, scratch, c, hv, tok, m,
-             H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-             USE_L2: tl.constexpr, EPS: tl.constexpr, F32: tl.constexpr,
-             SOLVE_TOGETHER: tl.constexpr):
-    """The front half of the WY work for chunk c, value head hv (token rows tok, in the sequence
-    where m): stores G and (first value head of each key head) rk, and returns
-    (T = (I + A)^-1 [64, 64] fp32, r [64], beta [64], G [64]). Shared by the fused kernel below
-    and the split one (kernels/chunk_wy_split.py)."""
-    hk = hv // (HV // H)
-    r = tl.arange(0, 64)
-    b_g = tl.load(g + tok * HV + hv, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
-    b_G = tl.cumsum(b_g, axis=0)
-    tl.store(G + tok * HV + hv, b_G, mask=m)
-    b_beta = tl.load(beta + tok * HV + hv, mask=m, other=0.0).to(tl.float32)
-
-    # Raw K K^T over K in blocks of BK, and the squared row norms in a loop of their own:
-    # register code reading the product's k tile in the pipelined loop would get that tile
-    # one buffer fewer than the asynchronous wgmma needs on Triton 3.6 (kernels/chunk_output.py).
-    p_k = k + (tok * (H * K) + hk * K)[:, None]
-    A = tl.zeros([64, 64], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        b_k = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K), other=0.0)
-        A = _mm(b_k, tl.trans(b_k), A, F32)
-    if USE_L2:
-        b_r = _inv_row_norms(p_k, m, K, BK, EPS)
-    else:
-        b_r = tl.where(m, 1.0, 0.0)
-    if hv % (HV // H) == 0:
-        tl.store(rk + tok * H + hk, b_r, mask=m)
-    low = (r[:, None] > r[None, :]) & m[:, None]
-    A = A * (b_r * b_beta)[:, None] * b_r[None, :] * _decay_mask(b_G, b_G, low)
-
-    p_s = scratch + (c * HV + hv) * 4096
-    if SOLVE_TOGETHER:
-        b_T = _solve_together(p_s, A)
-    else:
-        b_T = _solve_by_blocks(p_s, A)
-    return b_T, b_r, b_beta, b_G
-
-
 # N (sequences in the batch) changes every step: unspecialised, so a mixed step meeting N == 1 or
 # N % 16 == 0 for the first time does not build a new kernel mid-serving.
 @triton.jit(do_not_specialize=["N"])
@@ -202,13 +160,38 @@ def _wy_kernel(
     if valid:
         hk = hv // (HV // H)
         dt = w.dtype.element_ty
-        b_T, b_r, b_beta, b_G = _chunk_T(k, g, beta, G, rk, scratch, c, hv, tok, m, H, HV, K, BK,
-                                         USE_L2, EPS, F32, SOLVE_TOGETHER)
-        b_T = b_T.to(dt)
+        r = tl.arange(0, 64)
+        b_g = tl.load(g + tok * HV + hv, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+        b_G = tl.cumsum(b_g, axis=0)
+        tl.store(G + tok * HV + hv, b_G, mask=m)
+        b_beta = tl.load(beta + tok * HV + hv, mask=m, other=0.0).to(tl.float32)
+
+        # Raw K K^T over K in blocks of BK, and the squared row norms in a loop of their own:
+        # register code reading the product's k tile in the pipelined loop would get that tile
+        # one buffer fewer than the asynchronous wgmma needs on Triton 3.6 (kernels/chunk_output.py).
+        p_k = k + (tok * (H * K) + hk * K)[:, None]
+        A = tl.zeros([64, 64], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            b_k = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K), other=0.0)
+            A = _mm(b_k, tl.trans(b_k), A, F32)
+        if USE_L2:
+            b_r = _inv_row_norms(p_k, m, K, BK, EPS)
+        else:
+            b_r = tl.where(m, 1.0, 0.0)
+        if hv % (HV // H) == 0:
+            tl.store(rk + tok * H + hk, b_r, mask=m)
+        low = (r[:, None] > r[None, :]) & m[:, None]
+        A = A * (b_r * b_beta)[:, None] * b_r[None, :] * _decay_mask(b_G, b_G, low)
+
+        p_s = scratch + (c * HV + hv) * 4096
+        if SOLVE_TOGETHER:
+            b_T = _solve_together(p_s, A).to(dt)
+        else:
+            b_T = _solve_by_blocks(p_s, A).to(dt)
 
         # w = T diag(beta exp2(G) r) K, u = T diag(beta) V.
         kscale = (b_r * b_beta * tl.exp2(b_G))[:, None]
-        p_k = k + (tok * (H * K) + hk * K)[:, None]
         p_w = w + (tok * (HV * K) + hv * K)[:, None]
         for k0 in range(0, K, BK):
             ck = k0 + tl.arange(0, BK)
