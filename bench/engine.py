@@ -6,6 +6,10 @@
 Prints one JSON line per measurement (and appends them to $OUT/engine.jsonl when OUT is set).
 Output tokens/s counts generated tokens over the whole request time (prefill included), as the
 anchor's HF figures do; decode tokens/s and the roofline share are over the decode-only steps.
+The roofline step is the bytes a decode step must move over the measured copy bandwidth: the weights
+once, each sequence's recurrent state read and written, and the attention layers' keys and values up
+to each sequence's position (full attention, as in the bench model); `roofline_pct_without_kv` leaves
+the keys and values out (the figure sessions 2-5 reported).
 """
 
 from __future__ import annotations
@@ -74,38 +78,49 @@ def run_ours(loaded, batch: int, prompt_len: int, new: int, copy_bw: float, stat
     gen = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, SHAPE["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(batch)]
 
-    def one_pass(tokens: int) -> tuple[float, float, int]:
+    def one_pass(tokens: int) -> tuple[float, float, int, int]:
+        """(whole time, decode-only time, decode-only steps, attention positions those steps read)."""
         for i, p in enumerate(prompts):
             engine.add_request(f"r{i}", p, SamplingParams(max_tokens=tokens, ignore_eos=True))
         torch.cuda.synchronize()
         start = time.perf_counter()
-        decode_start, decode_steps = None, 0
+        decode_start, decode_steps, entered = None, 0, []
         while engine.has_work():
             prefilling = any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting
             if not prefilling and decode_start is None:
                 torch.cuda.synchronize()
+                entered = [(s, s.num_computed) for r in engine.scheduler.running for s in r.sequences]
                 decode_start = time.perf_counter()
             engine.step()
             decode_steps += decode_start is not None
         torch.cuda.synchronize()
         end = time.perf_counter()
-        return end - start, end - (decode_start or end), decode_steps
+        # A token fed at position p attends to positions 0..p: the KV a step must read grows with context.
+        positions_read = sum((s.num_computed * (s.num_computed + 1) - n * (n + 1)) // 2 for s, n in entered)
+        return end - start, end - (decode_start or end), decode_steps, positions_read
 
     one_pass(4)  # warm-up: Triton compiles, allocator settles
     # The first full pass meets batch shapes the short warm-up did not (decodes of up to B - 1
     # sequences mixed into prefill steps): its time, kept apart, shows what first use costs.
-    first_total, _, _ = one_pass(params.max_tokens)
-    total, decode, steps = one_pass(params.max_tokens)
+    first_total, _, _, _ = one_pass(params.max_tokens)
+    total, decode, steps, positions_read = one_pass(params.max_tokens)
+    pool = engine.pool
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    state = engine.pool.bytes_per_slot()  # upper bound: attention buffers are read only up to the length
-    gdn_state = sum(t[0].numel() * t.element_size() for t in engine.pool.recurrent if t is not None)
-    step_bytes = weights + batch * 2 * gdn_state  # weights once + recurrent state read and written
-    ideal_step = step_bytes / copy_bw
+    state = pool.bytes_per_slot()  # upper bound: attention buffers are read only up to the length
+    gdn_state = sum(t[0].numel() * t.element_size() for t in pool.recurrent if t is not None)
+    kv_per_position = sum(t[0, 0].numel() * t.element_size() for t in pool.keys + pool.values if t is not None)
+    # The bytes a decode step cannot avoid: the weights once, every recurrent state read and written, and
+    # the attention layers' keys and values up to each sequence's position (the hybrid's other state).
+    weights_and_gdn = weights + batch * 2 * gdn_state
+    kv_per_step = positions_read * kv_per_position / max(steps, 1)
+    ideal_step = (weights_and_gdn + kv_per_step) / copy_bw
     measured_step = decode / max(steps, 1)
     report(what="deltaserve_engine", B=batch, state=state_dtype, prompt=prompt_len, new=new, s=round(total, 2), s_first=round(first_total, 2),
            out_tok_s=round(batch * new / total, 1), decode_tok_s=round(batch * steps / decode, 1) if decode else None,
            step_ms=round(measured_step * 1e3, 3), roofline_step_ms=round(ideal_step * 1e3, 3),
-           roofline_pct=round(100 * ideal_step / measured_step, 1), slot_MiB=round(state / 2**20, 2))
+           roofline_pct=round(100 * ideal_step / measured_step, 1),
+           roofline_pct_without_kv=round(100 * weights_and_gdn / copy_bw / measured_step, 1),
+           kv_MB_per_step=round(kv_per_step / 1e6, 1), slot_MiB=round(state / 2**20, 2))
 
 
 def run_hf(model, batch: int, prompt_len: int, new: int) -> None:
