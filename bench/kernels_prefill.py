@@ -74,12 +74,11 @@ def make_pool(h0):
     return pool, slots, torch.ones(N, dtype=torch.bool, device=h0.device)
 
 
-WY_SOLVE = ""  # --wy-solve
+CONFIG_CHANGES = {}  # --config (and --wy-solve): applied to every row's pick_config
 
 
 def config_for(num_seqs, HV, K, V):
-    cfg = pick_config(num_seqs, HV, K, V)
-    return replace(cfg, wy_solve=WY_SOLVE) if WY_SOLVE else cfg
+    return replace(pick_config(num_seqs, HV, K, V), **CONFIG_CHANGES)
 
 
 def run_ours(q, k, v, g, beta, cu, h0, config=None):
@@ -323,7 +322,7 @@ def time_variants(ours, base, variants, det, run, row, prof=False):
         row.setdefault("variants", []).append(v)
 
 
-def sass_report(wy_solve="", variants=(), shape=-1):
+def sass_report(variants=(), shape=-1):
     """Compile the kernels for sm_90 (no GPU needed: Triton's bundled ptxas) at each shape's
     launch shapes, and at each of variants (ChunkConfig changes), and print registers, spill
     stack and SASS counts from cuobjdump."""
@@ -363,9 +362,7 @@ def sass_report(wy_solve="", variants=(), shape=-1):
 
     for (H, HV, K, V), spec in itertools.product(
             [x for i, x in enumerate(SHAPES) if shape in (-1, i)], [{}, *variants]):
-        cfg = replace(pick_config(1, HV, K, V), **spec)
-        if wy_solve:
-            cfg = replace(cfg, wy_solve=wy_solve)
+        cfg = replace(config_for(1, HV, K, V), **spec)
         print(f"H{H} HV{HV} K{K} V{V}: {cfg}")
         common = dict(H=H, HV=HV, K=K, V=V, F32=False)
         build(_wy_kernel, dict(common, BK=cfg.wy_bk, BV=cfg.wy_bv, USE_L2=True, EPS=1e-6,
@@ -391,6 +388,9 @@ def main():
     ap.add_argument("--check-fla", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--wy-solve", default="", help="override ChunkConfig.wy_solve everywhere")
+    ap.add_argument("--config", default="",
+                    help="ChunkConfig changes for every row, the accuracy check and --sass, e.g. "
+                         "'wy_solve=blocks,wy_warps=4' (the base that --variants compare to)")
     ap.add_argument("--variants", default="",
                     help="also time these ChunkConfig changes per row, e.g. "
                          "'wy_warps=4,wy_bk=64;state_bv=32' (graph time, determinism, and "
@@ -401,10 +401,11 @@ def main():
                     help="compile and autotune every kernel of the rows, time nothing (run the "
                          "shapes' warm-ups side by side, then the timed runs one at a time)")
     args = ap.parse_args()
-    global WY_SOLVE
-    WY_SOLVE = args.wy_solve
+    CONFIG_CHANGES.update(parse_variants(args.config)[0] if args.config else {})
+    if args.wy_solve:
+        CONFIG_CHANGES["wy_solve"] = args.wy_solve
     if args.sass:
-        return sass_report(args.wy_solve, parse_variants(args.variants), args.shape)
+        return sass_report(parse_variants(args.variants), args.shape)
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     print(f"card: {name}; torch {torch.__version__}, triton {triton.__version__}", flush=True)

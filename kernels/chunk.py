@@ -59,7 +59,8 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
     takes V blocks of 64 where that still gives two programs per SM (many sequences: 10% less
     time at 16 x 4096), else 32, and 16 when V blocks of 32 would leave over half the SMs idle
     (K <= 128); the WY kernel solves "together" (15-18% faster whole prefill than "blocks" at
-    K = 128) on 2 warps for K <= 128; the output kernel takes V blocks of 128 (V blocks of 32
+    K = 128) on 2 warps for K <= 128 (at K = 256, 2 warps were 1% faster at 16 x 4096 and 2-4%
+    slower at T = 2048 and 8192 in session 6); the output kernel takes V blocks of 128 (V blocks of 32
     faulted there on Triton 3.6), 3 pipeline stages. Every launch was bitwise deterministic run to run in the
     sweep (bench/kernels_prefill.py checks it); the output kernel was not with 2-3 stages until
     q's norm left its pipelined loop (kernels/chunk_output.py says why)."""

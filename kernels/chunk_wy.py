@@ -2,26 +2,27 @@
 (chunk, value head), nothing carried between chunks.
 
   G = within-chunk cumsum of g, in log2 units, stored to G [T, HV] fp32;
-  r = 1 / ||k|| per token (1 without l2norm), stored to rk [T, H] fp32 by the first value head
-      of each key head; k itself is never normalised in memory: every product that needs k_hat
-      takes raw k and scales its rows by r;
+  r = 1 / ||k|| per token (1 without l2norm), from the diagonal of the raw K K^T, stored to
+      rk [T, H] fp32 by the first value head of each key head; k itself is never normalised in
+      memory: every product that needs k_hat takes raw k and scales its rows by r;
   A = strictly lower beta_i (k_hat_i . k_hat_j) exp2(G_i - G_j)             [64, 64]
-  T = (I + A)^-1, two ways (the SOLVE_TOGETHER switch, ChunkConfig.wy_solve):
+  T = (I + A)^-1, two ways (ChunkConfig.wy_solve):
       "together" (the default): the four diagonal blocks in one [4, 16, 16] forward
-                substitution, the rest by four tf32 [64, 64] products (fewer serial steps and
-                barriers; on an H200 the whole prefill took 15-18% less time than with "blocks"
-                at K = 128, 2% less at K = 256);
+                substitution whose sums stay inside a warp, the rest by four tf32 [64, 64]
+                products (fewer serial steps and barriers than "blocks");
       "blocks": forward substitution on the four 16x16 diagonal blocks one after the other,
                 tf32 block merges;
-  w = T diag(beta exp2(G) r) K -> w [T, HV, K];  u = T diag(beta) V -> u [T, HV, V].
-A and T pass through a 16 KB-per-program fp32 scratch to change tile shape; it stays in L1/L2,
-and barriers order the program's writes and reads.
+  w = (T diag(beta exp2(G) r)) K -> w [T, HV, K];  u = (T diag(beta)) V -> u [T, HV, V]: T's
+      columns are scaled in fp32 and rounded to the input dtype once, so the K and V tiles go
+      from memory straight into the products.
+A and T pass through a 16 KB-per-program fp32 scratch to change tile shape ("together" uses its
+first 4 KB); it stays in L1/L2, and barriers order the program's writes and reads.
 """
 
 import triton
 import triton.language as tl
 
-from kernels.chunk_common import _chunk_rows, _decay_mask, _inv_row_norms, _mm
+from kernels.chunk_common import _chunk_rows, _decay_mask, _mm
 
 
 @triton.jit
@@ -49,24 +50,6 @@ def _blk(p, i: tl.constexpr, j: tl.constexpr):
 def _put(p, i: tl.constexpr, j: tl.constexpr, x):
     r = tl.arange(0, 16)
     tl.store(p + (16 * i + r)[:, None] * 64 + (16 * j + r)[None, :], x)
-
-
-@triton.jit
-def _inv_diag_blocks(p):
-    """(I + A_bb)^-1 for the four strictly lower 16x16 diagonal blocks of A, stored at p as
-    [64, 16] (row r holds A[r, 16 (r // 16) + j]); returns them as [4, 16, 16]. Forward
-    substitution, all four blocks at once: row i of N = (I + A)^-1 - I is
-    -A_i - sum_{j<i} A_ij N_j."""
-    b = tl.arange(0, 4)[:, None, None]
-    i = tl.arange(0, 16)[None, :, None]
-    j = tl.arange(0, 16)[None, None, :]
-    A = tl.load(p + (16 * b + i) * 16 + j)  # [4, 16, 16]
-    X = -A  # rows 0 and 1 are already final
-    for s in range(2, 16):
-        a = -tl.sum(tl.where(i == s, A, 0.0), axis=1)  # [4, 16]: -A[b, s, :], zero for j >= s
-        a = a + tl.sum(a[:, :, None] * X, axis=1)
-        X = tl.where(i == s, a[:, None, :], X)
-    return X + tl.where(i == j, 1.0, 0.0)
 
 
 @triton.jit
@@ -116,28 +99,42 @@ def _solve_by_blocks(p_s, A):
 
 
 @triton.jit
+def _inv_diag_blocks(p_s, A):
+    """The block diagonal (I + D)^-1 [64, 64] of a strictly lower A (D: its four 16x16 diagonal
+    blocks), by forward substitution on all four blocks at once, held transposed: Y[b, j, l] =
+    N[b, l, j] with N = (I + D)^-1 - I, so that step s (column s of Y += Y a, a = -D[b, s, :]
+    read from scratch) sums along the tile's contiguous axis, inside each thread and its warp;
+    the untransposed form sums across the two warps, a shared-memory round trip and a barrier
+    a sum. D and the result pass through the first 4 KB of the scratch at p_s as [64, 16]."""
+    r = tl.arange(0, 64)
+    diag = r[:, None] // 16 == r[None, :] // 16
+    off_d = r[:, None] * 16 + r[None, :] % 16  # [64, 64] -> [64, 16] diagonal blocks
+    tl.store(p_s + off_d, A, mask=diag)
+    tl.debug_barrier()
+    b = tl.arange(0, 4)[:, None, None]
+    j = tl.arange(0, 16)[None, :, None]
+    l = tl.arange(0, 16)[None, None, :]
+    Y = -tl.load(p_s + (16 * b + l) * 16 + j)  # N's rows 0 and 1 are final already
+    for s in tl.static_range(2, 16):  # unrolled: the row loads need not wait for the steps
+        # a as a whole [4, 16, 16] tile (rows repeated along j) so that it is loaded in Y's layout
+        a = -tl.load(p_s + (16 * b + s) * 16 + l + 0 * j)  # zero for l >= s
+        Y = tl.where(l == s, Y + tl.sum(a * Y, axis=2)[:, :, None], Y)
+    tl.debug_barrier()  # every read of D is done before its inverse overwrites it
+    tl.store(p_s + (16 * b + l) * 16 + j, Y + tl.where(j == l, 1.0, 0.0))
+    tl.debug_barrier()
+    return tl.load(p_s + off_d, mask=diag, other=0.0)
+
+
+@triton.jit
 def _solve_together(p_s, A):
     """(I + A)^-1 [64, 64] fp32 for a strictly lower A = D + L (D block diagonal, 16x16 blocks;
     L strictly block lower): (I + A) = (I + D)(I + N), N = (I + D)^-1 L, N^4 = 0, so
     T = (I - N + N^2 - N^3)(I + D)^-1. The four (I + D_bb)^-1 by forward substitution together
-    (one [4, 16, 16] tile, 14 steps), the rest by four tf32 [64, 64] products. D and its inverse
-    pass through the first 4 KB of the program's scratch at p_s to change tile shape."""
+    (_inv_diag_blocks), the rest by four tf32 [64, 64] products."""
     r = tl.arange(0, 64)
-    rb = r[:, None] // 16
-    cb = r[None, :] // 16
-    off_d = r[:, None] * 16 + r[None, :] % 16  # [64, 64] -> [64, 16] diagonal blocks
-    tl.store(p_s + off_d, A, mask=rb == cb)
-    tl.debug_barrier()
-    Dinv = _inv_diag_blocks(p_s)
-    tl.debug_barrier()  # every read of D is done before its inverse overwrites it
-    b3 = tl.arange(0, 4)[:, None, None]
-    i3 = tl.arange(0, 16)[None, :, None]
-    j3 = tl.arange(0, 16)[None, None, :]
-    tl.store(p_s + (16 * b3 + i3) * 16 + j3, Dinv)
-    tl.debug_barrier()
-    Dinv = tl.load(p_s + off_d, mask=rb == cb, other=0.0)  # [64, 64] block diagonal
+    Dinv = _inv_diag_blocks(p_s, A)
     # (I + N)^-1 in Horner form, Y <- I - N Y, to keep few tiles live.
-    Nm = -_tf32(Dinv, tl.where(rb > cb, A, 0.0))  # -N
+    Nm = -_tf32(Dinv, tl.where(r[:, None] // 16 > r[None, :] // 16, A, 0.0))  # -N
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
     Y = eye + Nm
     Y = tl.dot(Nm, Y, eye, input_precision="tf32")
@@ -166,9 +163,9 @@ def _wy_kernel(
         tl.store(G + tok * HV + hv, b_G, mask=m)
         b_beta = tl.load(beta + tok * HV + hv, mask=m, other=0.0).to(tl.float32)
 
-        # Raw K K^T over K in blocks of BK, and the squared row norms in a loop of their own:
-        # register code reading the product's k tile in the pipelined loop would get that tile
-        # one buffer fewer than the asynchronous wgmma needs on Triton 3.6 (kernels/chunk_output.py).
+        # Raw K K^T over K in blocks of BK; ||k||^2 is its diagonal, so no register code reads
+        # the k tiles (which inside the pipelined loop would get a tile one buffer fewer than the
+        # asynchronous wgmma needs on Triton 3.6, kernels/chunk_output.py) and no second pass.
         p_k = k + (tok * (H * K) + hk * K)[:, None]
         A = tl.zeros([64, 64], dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -176,7 +173,7 @@ def _wy_kernel(
             b_k = tl.load(p_k + ck[None, :], mask=m[:, None] & (ck[None, :] < K), other=0.0)
             A = _mm(b_k, tl.trans(b_k), A, F32)
         if USE_L2:
-            b_r = _inv_row_norms(p_k, m, K, BK, EPS)
+            b_r = tl.rsqrt(tl.sum(tl.where(r[:, None] == r[None, :], A, 0.0), axis=1) + EPS)
         else:
             b_r = tl.where(m, 1.0, 0.0)
         if hv % (HV // H) == 0:
@@ -186,23 +183,26 @@ def _wy_kernel(
 
         p_s = scratch + (c * HV + hv) * 4096
         if SOLVE_TOGETHER:
-            b_T = _solve_together(p_s, A).to(dt)
+            b_T = _solve_together(p_s, A)
         else:
-            b_T = _solve_by_blocks(p_s, A).to(dt)
+            b_T = _solve_by_blocks(p_s, A)
 
-        # w = T diag(beta exp2(G) r) K, u = T diag(beta) V.
-        kscale = (b_r * b_beta * tl.exp2(b_G))[:, None]
+        # w = (T diag(beta exp2(G) r)) K, u = (T diag(beta)) V: T's columns scaled in fp32 and
+        # rounded once (scaling K's and V's rows instead took the tiles through registers and
+        # back to shared memory before each product, and rounded twice).
+        b_Tk = (b_T * (b_r * b_beta * tl.exp2(b_G))[None, :]).to(dt)
+        b_Tv = (b_T * b_beta[None, :]).to(dt)
         p_w = w + (tok * (HV * K) + hv * K)[:, None]
         for k0 in range(0, K, BK):
             ck = k0 + tl.arange(0, BK)
             mk = m[:, None] & (ck[None, :] < K)
-            b_k = tl.load(p_k + ck[None, :], mask=mk, other=0.0).to(tl.float32)
-            b_w = _mm(b_T, (b_k * kscale).to(dt), None, F32)
+            b_k = tl.load(p_k + ck[None, :], mask=mk, other=0.0)
+            b_w = _mm(b_Tk, b_k, None, F32)
             tl.store(p_w + ck[None, :], b_w.to(dt), mask=mk)
         p_v = (tok * (HV * V) + hv * V)[:, None]
         for v0 in range(0, V, BV):
             cv = v0 + tl.arange(0, BV)
             mv = m[:, None] & (cv[None, :] < V)
-            b_v = tl.load(v + p_v + cv[None, :], mask=mv, other=0.0).to(tl.float32)
-            b_u = _mm(b_T, (b_v * b_beta[:, None]).to(dt), None, F32)
+            b_v = tl.load(v + p_v + cv[None, :], mask=mv, other=0.0)
+            b_u = _mm(b_Tv, b_v, None, F32)
             tl.store(u + p_v + cv[None, :], b_u.to(dt), mask=mv)
