@@ -69,7 +69,7 @@ def decode_only_shape(model: HybridLM, pool: SlotPool, d: int) -> tuple:
     not change with d) or the unfused decode kernels' launch shape and, with attention layers, the
     decode attention's number of key splits."""
     from engine.models.gdn_backend import fused_decode_fits
-    from kernels.decode_attention import num_splits
+    from kernels.decode_attention import launch_config
     from kernels.recurrent import decode_launch_config
 
     gdn, attn = model.config.gdn, model.config.attention
@@ -80,7 +80,8 @@ def decode_only_shape(model: HybridLM, pool: SlotPool, d: int) -> tuple:
         shape = decode_launch_config(d, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, model.device, state_bytes)
     if attn is None or pool.max_len is None:
         return shape
-    return shape, num_splits(d, attn.num_kv_heads, pool.max_len, model.device)
+    kv_bytes = next(k for k in pool.keys if k is not None).element_size()
+    return shape, launch_config(d, attn.num_kv_heads, pool.max_len, model.device, kv_bytes)
 
 
 @torch.inference_mode()
