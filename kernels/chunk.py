@@ -17,7 +17,8 @@ Three launches, all over chunks that never cross a sequence boundary:
 q and k are never normalised in memory: the l2norm is a per-row scale applied to the products.
 G is kept in log2 units (multiplied by log2 e) so every decay is one exp2, and every exponent that
 is evaluated is <= 0: masked entries are replaced by 0 with tl.where before exp2 and selected out
-after. All index arithmetic is in int64.
+after. All index arithmetic is in int64 (but the coordinates of tensor-descriptor tiles, which the
+copy engine takes as int32).
 """
 
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import torch
 import triton
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.chunk_output import _output_kernel
 from kernels.chunk_state import _state_kernel
@@ -42,7 +44,8 @@ class ChunkConfig:
     state_bv: int = 64  # V columns per state program; smaller gives more programs
     state_warps: int = 4
     state_stages: int = 2
-    state_split: bool = False  # hold the state as two [K/2, BV] halves (always when K > 128)
+    state_split: bool = False  # hold the state as two [K/2, BV] halves instead of one [K, BV] tile
+    state_tma: bool = False  # w, k, u in and h out through tensor descriptors where the tiles fit
     out_bv: int = 64
     out_bk: int = 64  # K is looped in blocks of out_bk
     out_warps: int = 4
@@ -61,9 +64,13 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
     (K <= 128); the WY kernel solves "together" (15-18% faster whole prefill than "blocks" at
     K = 128) on 2 warps for K <= 128 (at K = 256, 2 warps were 1% faster at 16 x 4096 and 2-4%
     slower at T = 2048 and 8192 in session 6); the output kernel takes V blocks of 128 (V blocks of 32
-    faulted there on Triton 3.6), 3 pipeline stages. Every launch was bitwise deterministic run to run in the
-    sweep (bench/kernels_prefill.py checks it); the output kernel was not with 2-3 stages until
-    q's norm left its pipelined loop (kernels/chunk_output.py says why)."""
+    faulted there on Triton 3.6), 3 pipeline stages. Above K = 128 the state pass holds one
+    [K, BV] tile and moves w, k, u and h through tensor descriptors at 2 stages (3 do not fit
+    shared memory): 3.6% off the whole prefill at one sequence of 65536 tokens, 3.8% at 8192, 7.8%
+    at 16 x 4096, same bits (session 6, K = 256; K <= 128 not timed with descriptors yet). Every
+    launch was bitwise deterministic run to run in the sweep (bench/kernels_prefill.py checks it);
+    the output kernel was not with 2-3 stages until q's norm left its pipelined loop
+    (kernels/chunk_output.py says why)."""
     vp = max(16, triton.next_power_of_2(V))
     kp = max(16, triton.next_power_of_2(K))
     if num_seqs * HV * triton.cdiv(V, 64) >= 264:  # two programs per SM even with V blocks of 64
@@ -72,7 +79,7 @@ def pick_config(num_seqs: int, HV: int, K: int, V: int) -> ChunkConfig:
         bv = 16 if K <= 128 and num_seqs * HV * triton.cdiv(V, 32) <= 66 else 32
     small_k = K <= 128
     return ChunkConfig(
-        state_bv=min(bv, vp), state_warps=4, state_stages=3,
+        state_bv=min(bv, vp), state_warps=4, state_stages=3 if small_k else 2, state_tma=not small_k,
         out_bv=min(128, vp), out_bk=min(64, kp), out_warps=4, out_stages=3,
         wy_bk=min(32 if small_k else 64, kp), wy_bv=min(64, vp), wy_warps=2 if small_k else 4,
     )
@@ -193,14 +200,37 @@ def launch_state(k: Tensor, w: Tensor, u: Tensor, G: Tensor, rk: Tensor, state_p
     N, NC = plan.cu_seqlens.numel() - 1, plan.chunk_seq.numel()
     h = torch.empty(NC, HV, K, V, dtype=dtype, device=dev)  # state entering each chunk
     v_new = torch.empty(T, HV, V, dtype=dtype, device=dev)
-    two_k = K > 128 or (cfg.state_split and K >= 32)
+    two_k = cfg.state_split and K >= 32
     BK = max(16, triton.next_power_of_2((K + 1) // 2 if two_k else K))
-    cfg = _launch_fitting(cfg, "state", lambda c: _state_kernel[(N * HV * triton.cdiv(V, c.state_bv),)](
-        k, w, u, G, rk, h, v_new, state_pool, slot_ids, has_initial_state, plan.cu_seqlens,
-        plan.chunk_start, H=H, HV=HV, K=K, V=V, BK=BK, TWO_K=two_k, BV=c.state_bv,
-        F32=dev.type == "cpu", num_warps=c.state_warps, num_stages=c.state_stages,
-    ))
+
+    def launch(c):
+        descs = _state_descriptors(k, w, u, h, BK, c.state_bv, two_k) if c.state_tma else None
+        _state_kernel[(N * HV * triton.cdiv(V, c.state_bv),)](
+            k, w, u, G, rk, h, v_new, state_pool, slot_ids, has_initial_state, plan.cu_seqlens,
+            plan.chunk_start, *(descs or (None,) * 4), H=H, HV=HV, K=K, V=V, BK=BK, TWO_K=two_k,
+            BV=c.state_bv, F32=dev.type == "cpu", TMA=descs is not None, num_warps=c.state_warps,
+            num_stages=c.state_stages,
+        )
+
+    cfg = _launch_fitting(cfg, "state", launch)
     return cfg, h, v_new
+
+
+def _state_descriptors(k: Tensor, w: Tensor, u: Tensor, h: Tensor, BK: int, BV: int,
+                       two_k: bool) -> tuple | None:
+    """Tensor descriptors (k, w, u, h) for the state pass, each a 2-D view with the last axis
+    contiguous: k [T, H K] and w [T, HV K] in [64, BK] tiles, u [T, HV V] in [64, BV], h
+    [NC HV K, V] in [BK, BV]. None where the tiles do not split K and V evenly (a tile would
+    reach into the next head) or a row is not a multiple of 16 bytes (the copy engine's rule)."""
+    T, H, K = k.shape
+    HV, V = u.shape[1:]
+    views = k.view(T, H * K), w.view(T, HV * K), u.view(T, HV * V), h.view(-1, V)
+    rows_ok = all(x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in views)
+    if K != (2 * BK if two_k else BK) or V % BV or not rows_ok or T == 0:
+        return None
+    k2, w2, u2, h2 = views
+    return (TensorDescriptor.from_tensor(k2, [64, BK]), TensorDescriptor.from_tensor(w2, [64, BK]),
+            TensorDescriptor.from_tensor(u2, [64, BV]), TensorDescriptor.from_tensor(h2, [BK, BV]))
 
 
 def launch_output(q: Tensor, k: Tensor, G: Tensor, rk: Tensor, h: Tensor, v_new: Tensor,

@@ -94,8 +94,23 @@ def test_value_dim_split_across_programs_prebuilt_plan_and_no_l2norm():
 
 
 def test_key_dim_over_128_holds_the_state_in_two_halves():
-    # K = 160: two [128, BV] state halves, the second one mostly masked.
+    # K = 160 with state_split: two [128, BV] state halves, the second one mostly masked.
+    cfg = replace(pick_config(2, 1, 160, 16), state_split=True)
+    _check([70, 9], H=1, HV=1, K=160, V=16, dtype=torch.float32, has_init=[True, False], seed=5,
+           config=cfg)
+
+
+def test_key_dim_over_128_in_one_state_tile():
+    # pick_config above K = 128: one state tile, here [256, BV] with its last 96 rows masked (K =
+    # 160 does not fill the tile, so the pointer loads, not the tensor descriptors, serve it).
+    assert not pick_config(2, 1, 160, 16).state_split
     _check([70, 9], H=1, HV=1, K=160, V=16, dtype=torch.float32, has_init=[True, False], seed=5)
+
+
+def test_key_dim_256_default_goes_through_tensor_descriptors():
+    cfg = pick_config(2, 1, 256, 16)
+    assert cfg.state_tma and not cfg.state_split
+    _check([70, 9], H=1, HV=1, K=256, V=16, dtype=torch.float32, has_init=[True, False], seed=6)
 
 
 def test_key_dim_looped_in_blocks_split_state_and_fp16_inputs():
@@ -112,6 +127,31 @@ def test_key_dim_looped_in_blocks_split_state_and_fp16_inputs():
     assert o.dtype == torch.float16
     assert _rel(o, o_ref) < 5e-3
     assert _rel(pool[slots], s_ref) < 5e-3
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_state_pass_through_tensor_descriptors_gives_the_same_bits(split):
+    # Tiles that split K and V evenly go through tensor descriptors, which read whole 64-token
+    # rows: past a sequence's end they hold the next sequence's tokens (or zeros past T), and
+    # those rows must drop out of the state exactly as the masked loads' zeros do. GVA (two
+    # value heads per key head) places k's tile by key head.
+    lengths = [70, 5, 130]
+    q, k, v, g, beta, cu, gen = _inputs(lengths, 2, 4, 64, 32, torch.bfloat16, seed=11)
+    pool = torch.randn(5, 4, 64, 32, generator=gen)
+    slots, has = torch.tensor([4, 0, 2]), torch.tensor([True, False, True])
+    base = replace(pick_config(3, 4, 64, 32), state_bv=16, state_split=split)
+    runs = []
+    for tma in (False, True):
+        p = pool.clone()
+        o = chunk_gated_delta_rule_prefill(q, k, v, g, beta, cu, p, slots, has,
+                                           config=replace(base, state_tma=tma))
+        runs.append((o, p))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    init = torch.where(has[:, None, None, None], pool[slots], 0.0)
+    o_ref, s_ref = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=init,
+                                                        cu_seqlens=cu)
+    assert _rel(runs[1][0], o_ref) < TOL[torch.bfloat16]
+    assert _rel(runs[1][1][slots], s_ref) < TOL[torch.bfloat16]
 
 
 def test_negative_slot_starts_from_zeros_and_writes_no_state():
