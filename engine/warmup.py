@@ -7,8 +7,9 @@ engine process behind the HTTP server on an H200 spent a fifth of its samples bu
 Requests arriving one by one make steps of every size. With decode CUDA graphs, decode-only
 steps are covered already (engine/cuda_graphs.py captures every batch size at start-up); this runs
 the eager forward once per distinct shape of the other steps: prompt chunks alone, and one-token
-sequences (decodes) mixed with a chunk; without graphs, also decode-only steps (the decode kernels'
-and the decode attention's split count change with the batch size). Every sequence of those forwards is on the pool's scratch
+sequences (decodes) mixed with a chunk; without graphs, also decode-only steps (the decode kernels',
+the decode attention's launch config and the decode projections' row blocks and configs
+(kernels/decode_linear.py) change with the batch size). Every sequence of those forwards is on the pool's scratch
 slot, which is cleared afterwards: no request's state is read or written.
 """
 
@@ -64,12 +65,33 @@ def mixed_step_batches(model: HybridLM, pool: SlotPool, max_seqs: int,
     return batches
 
 
+def projections(model: HybridLM) -> list[tuple[int, int, bool]]:
+    """The distinct (N, K, silu) of the projections an eager decode-only forward sends through
+    kernels/decode_linear (engine/models/layers.py: Gated DeltaNet in/out, attention qkv (without a
+    bias) and o, a dense MLP's gate_up (silu * up fused) and down). The LM head takes it only inside
+    DecodeStep (logits(out=)), whose sizes are all run when the graphs are captured."""
+    from engine.models.layers import MLP, GatedDeltaNet
+
+    weights = []
+    for block in model.layers:
+        mixer = block.mixer
+        if isinstance(mixer, GatedDeltaNet):
+            weights += [(mixer.in_proj, False), (mixer.out_proj, False)]
+        else:
+            weights += [(mixer.o_proj, False)] + ([] if mixer.spec.qkv_bias else [(mixer.qkv_proj, False)])
+        if isinstance(block.mlp, MLP):
+            weights += [(block.mlp.gate_up, True), (block.mlp.down, False)]
+    return sorted({(w.shape[0], w.shape[1], silu) for w, silu in weights})
+
+
 def decode_only_shape(model: HybridLM, pool: SlotPool, d: int) -> tuple:
     """What a decode-only step of d sequences compiles by: the one-launch decode step (its shape does
-    not change with d) or the unfused decode kernels' launch shape and, with attention layers, the
-    decode attention's number of key splits."""
+    not change with d) or the unfused decode kernels' launch shape, with attention layers the decode
+    attention's launch config, and the launch shapes of its projections (kernels/decode_linear:
+    the block of rows and config each takes, None where cuBLAS runs it)."""
     from engine.models.gdn_backend import fused_decode_fits
     from kernels.decode_attention import launch_config
+    from kernels.decode_linear import launch_key
     from kernels.recurrent import decode_launch_config
 
     gdn, attn = model.config.gdn, model.config.attention
@@ -78,10 +100,11 @@ def decode_only_shape(model: HybridLM, pool: SlotPool, d: int) -> tuple:
         shape = "one launch"
     else:
         shape = decode_launch_config(d, gdn.num_v_heads, gdn.head_k_dim, gdn.head_v_dim, model.device, state_bytes)
+    gemms = tuple(launch_key(d, N, K, silu, model.device, model.embed.dtype) for N, K, silu in projections(model))
     if attn is None or pool.max_len is None:
-        return shape
+        return shape, gemms
     kv_bytes = next(k for k in pool.keys if k is not None).element_size()
-    return shape, launch_config(d, attn.num_kv_heads, pool.max_len, model.device, kv_bytes)
+    return shape, launch_config(d, attn.num_kv_heads, pool.max_len, model.device, kv_bytes), gemms
 
 
 @torch.inference_mode()

@@ -80,3 +80,23 @@ def test_without_decode_graphs_decode_only_steps_of_every_shape_are_built_too(mo
     every = {decode_only_shape(model, pool, d) for d in range(1, 301)}
     assert {decode_only_shape(model, pool, d) for d in decode_ns} == every
     assert len({shape[1] for shape in every}) > 1  # split counts do vary with the batch here
+
+
+def test_without_decode_graphs_every_decode_projection_shape_is_built_too(models, monkeypatch):
+    """With kernels/decode_linear taking a decode step's projections (forced on here: on a GPU, where its
+    table says so), their row blocks and configs change with the batch: each must be met at start-up."""
+    import kernels.decode_linear
+    from engine.warmup import decode_only_shape, projections
+
+    monkeypatch.setattr(kernels.decode_linear, "MODE", "on")
+    model = models["triton"]
+    pool = model.new_pool(4, 4096)
+    hidden = model.config.hidden_size
+    assert (2 * model.config.intermediate_size, hidden, True) in projections(model)  # gate_up, silu fused
+    batches = mixed_step_batches(model, pool, 300, decode_only=True)
+    decode_ns = [len(lens) for lens in batches if set(lens) == {1}]
+    every = {decode_only_shape(model, pool, d) for d in range(1, 301)}
+    assert {decode_only_shape(model, pool, d) for d in decode_ns} == every
+    blocks = {key[1] for shape in every for key in shape[-1] if key is not None}
+    assert blocks == {16, 32, 64, 128, 256}  # x rows a program holds, by batch
+    assert all(key is None for key in decode_only_shape(model, pool, 257)[-1])  # past MAX_M: cuBLAS

@@ -44,7 +44,7 @@ class Block(nn.Module):
         each add is left to the norm after it, which does both in one kernel on the triton backend."""
         h, x = add_rms_norm(x, delta, self.mixer_norm, self.eps, self.backend)
         h, x = add_rms_norm(x, self.mixer(h, batch, pool, index), self.mlp_norm, self.eps, self.backend)
-        return x, self.mlp(h)
+        return x, self.mlp(h, batch.decode_only)
 
 
 class HybridLM(nn.Module):
@@ -96,6 +96,9 @@ class HybridLM(nn.Module):
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[T, hidden] -> [T, vocab] fp32; or written into `out` ([T, vocab] in the model's dtype: the same
         products before their conversion to fp32, which a greedy argmax does not need)."""
-        if out is not None:
+        if out is not None:  # a decode step's (engine/cuda_graphs.py)
+            if self.backend == "triton":
+                from kernels.decode_linear import project
+                return project(hidden, self.head_weight, out=out)
             return torch.matmul(hidden, self.head_weight.t(), out=out)
         return (hidden @ self.head_weight.t()).float()

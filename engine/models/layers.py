@@ -56,6 +56,19 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
     return out.to(x.dtype)
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, decode: bool, silu: bool = False) -> torch.Tensor:
+    """x @ weight.T (with `silu`, weight's rows [gate | up] give silu(gate) * up). `decode`: a triton-backend
+    decode-only step, whose projections go through kernels/decode_linear.project (our skinny-M kernel where
+    its table says it beats cuBLAS on this GPU, else cuBLAS)."""
+    if decode:
+        from kernels.decode_linear import project as decode_project
+        return decode_project(x, weight, silu=silu)
+    if silu:
+        gate, up = (x @ weight.t()).chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return x @ weight.t()
+
+
 def _param(*shape: int, fp32: bool = False) -> nn.Parameter:
     """A weight the loader fills. `fp32` ones (norms, gate constants) stay fp32 whatever the model
     dtype: they are tiny, and rounding them to bf16 would move every activation they touch."""
@@ -84,14 +97,15 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int) -> torch.Tensor:
         s = self.spec
         T = x.shape[0]
-        proj = x @ self.in_proj.t()
+        decode = batch.decode_only and self.backend == "triton"
+        proj = project(x, self.in_proj, decode)
         qkv, z, b, a = proj.split([s.conv_dim, self.z_dim, s.num_v_heads, s.num_v_heads], dim=-1)
 
         gate = z.reshape(T, s.num_v_heads, s.head_v_dim) if s.use_gate else None
         if gdn_backend.fuses_decode(s, batch, self.backend, pool.recurrent[layer]):
             o = gdn_backend.fused_decode(s, qkv, gate, a, b, self.conv_weight, self.A_log, self.dt_bias,
                                          self.norm_weight, batch, pool.conv[layer], pool.recurrent[layer])
-            return o.reshape(T, s.value_dim) @ self.out_proj.t()
+            return project(o.reshape(T, s.value_dim), self.out_proj, decode)
 
         if gdn_backend.folds_conv(s, batch, self.backend):
             o = gdn_backend.conv_delta_rule_decode(s, qkv, a, b, self.conv_weight, self.A_log, self.dt_bias, batch,
@@ -107,7 +121,7 @@ class GatedDeltaNet(nn.Module):
                                        pool.recurrent[layer], decode_only, self.backend)
 
         o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation, self.backend)
-        return o.reshape(T, s.value_dim) @ self.out_proj.t()
+        return project(o.reshape(T, s.value_dim), self.out_proj, decode)
 
 
 class Attention(nn.Module):
@@ -134,7 +148,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int) -> torch.Tensor:
         s = self.spec
         T = x.shape[0]
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias if s.qkv_bias else None)
+        decode = batch.decode_only and self.backend == "triton"
+        if s.qkv_bias:
+            qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        else:
+            qkv = project(x, self.qkv_proj, decode)
         q, k, v = qkv.split(self.rows, dim=-1)  # views [T, rows]
         gate = None
         if s.output_gate:  # per head [query | gate]
@@ -159,7 +177,7 @@ class Attention(nn.Module):
         if batch.decode_only and self.backend == "triton":  # reads the buffers in place, applies the gate
             from kernels.decode_attention import decode_attention
             out = decode_attention(q, gate, keys, values, positions, batch.slot_ids, s.window)
-            return out.view(T, s.num_heads * s.head_dim) @ self.o_proj.t()
+            return project(out.view(T, s.num_heads * s.head_dim), self.o_proj, decode)
         if batch.decode_only:
             length = batch.attn_len or max(batch.starts) + 1
             out = attention.attend_decode(q, positions, keys, values, batch.slot_ids, length, s.window)
@@ -180,7 +198,11 @@ class MLP(nn.Module):
         self.gate_up = _param(2 * intermediate_size, hidden_size)
         self.down = _param(hidden_size, intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+        """decode_only: a decode-only step (on the triton backend its projections take kernels/decode_linear,
+        the activation inside the gate_up kernel where that kernel runs)."""
+        if decode_only and self.backend == "triton":
+            return project(project(x, self.gate_up, True, silu=True), self.down, True)
         gate_up = x @ self.gate_up.t()
         if self.backend == "triton":  # silu and product in one kernel
             from kernels.swiglu import silu_mul
@@ -201,7 +223,7 @@ class SparseMoE(nn.Module):
         self.shared = MLP(hidden_size, spec.shared_intermediate_size)
         self.shared_gate = _param(1, hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
         probs = torch.softmax((x @ self.router.t()).float(), dim=-1)
         weights, experts = probs.topk(self.spec.top_k, dim=-1)  # [T, top_k]
         if self.spec.norm_topk_prob:
