@@ -16,7 +16,7 @@ shape of a grid per (shape, M), the best re-timed against cuBLAS, and the TABLE 
 kernels/decode_linear.py (ours where it beats cuBLAS by >= 3%). Kernels are compiled first in parallel
 worker processes (Triton's disk cache), as compiling the grid in one process takes minutes.
 JSON lines go to $OUT/decode_linear.jsonl when OUT is set, and the sweep's table to
-$OUT/decode_linear_table.json (DELTASERVE_DECODE_LINEAR_TABLE=that file makes the engine use it).
+$OUT/decode_linear_table.json (bench/engine.py --decode-linear-table that file makes the engine use it).
 """
 
 from __future__ import annotations

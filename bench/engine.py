@@ -31,6 +31,7 @@ from engine.models import gdn_backend  # noqa: E402
 from engine.loader import load_model  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.slots import SlotPool, resolve_state_dtype  # noqa: E402
+from kernels import decode_linear  # noqa: E402
 
 SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
              num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
@@ -188,7 +189,17 @@ def main() -> None:
     parser.add_argument("--fold-conv", default="on", choices=["on", "off", "both"],
                         help="decode-only steps with the short conv inside the decode kernel or as its own "
                              "launch (engine/models/gdn_backend.FOLD_CONV); both: our batches once each way")
+    parser.add_argument("--decode-linear", default="auto", choices=["auto", "off", "both"],
+                        help="decode steps' projections through kernels/decode_linear where its TABLE says it beats "
+                             "cuBLAS (auto) or all on cuBLAS (off); both: our batches once each way")
+    parser.add_argument("--linear-pdl", default="default", choices=["default", "on", "off", "both"],
+                        help="programmatic dependent launch of kernels/decode_linear's kernels (its PDL); "
+                             "both: our batches once each way")
+    parser.add_argument("--decode-linear-table", metavar="JSON",
+                        help="launch shapes for kernels/decode_linear, as bench/decode_linear.py --sweep writes them")
     args = parser.parse_args()
+    if args.decode_linear_table:
+        decode_linear.TABLE = decode_linear.load_table(args.decode_linear_table)
     copy_bw = copy_bandwidth()
     report(what="copy", TBps=round(copy_bw / 1e12, 3), gpu=torch.cuda.get_device_name())
     folder = Path(tempfile.mkdtemp())
@@ -201,10 +212,14 @@ def main() -> None:
     if "bfloat16" in args.check_dtypes.split(","):
         check_determinism(loaded, args.prompt)
     folds = {"on": [True], "off": [False], "both": [True, False]}[args.fold_conv]
-    for fold in folds:
-        gdn_backend.FOLD_CONV = fold  # before each engine captures its decode graphs
-        if len(folds) > 1:
-            report(what="fold_conv", on=fold)
+    linears = {"auto": ["auto"], "off": ["off"], "both": ["auto", "off"]}[args.decode_linear]
+    pdls = {"default": [decode_linear.PDL], "on": [True], "off": [False], "both": [False, True]}[args.linear_pdl]
+    variants = [(f, m, p) for f in folds for m in linears for p in pdls]
+    for fold, mode, pdl in variants:
+        # set before each engine captures its decode graphs (a graph keeps the path taken at capture)
+        gdn_backend.FOLD_CONV, decode_linear.MODE, decode_linear.PDL = fold, mode, pdl
+        if len(variants) > 1:
+            report(what="variant", fold_conv=fold, decode_linear=mode, linear_pdl=pdl)
         for state_dtype in args.state_dtypes.split(","):
             for b in [int(b) for b in args.batches.split(",") if b]:
                 run_ours(loaded, b, args.prompt, args.new, copy_bw, state_dtype)

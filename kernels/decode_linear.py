@@ -28,7 +28,6 @@ decode-only steps of the triton backend (engine/models/layers.py, the LM head in
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -217,14 +216,14 @@ def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool 
     return out
 
 
-# Programmatic dependent launch (Hopper on), DELTASERVE_DECODE_LINEAR_PDL=1: each kernel here launches with it,
+# Programmatic dependent launch (Hopper on), when PDL is True: each kernel here launches with it,
 # calls gdc_launch_dependents first (so the next PDL launch, the split-K reduction or down after gate_up, may
 # start) and gdc_wait before touching memory, so its launch overlaps the tail of the kernel before. Same
 # kernels, same bits. Measured in the engine on an H200 (docs/performance.md, "Session 6: decode GEMMs"):
 # decode step B=1 1.014 -> 0.924 ms, B=32 1.455 -> 1.412, B=128 2.674 -> 2.673. Off by default until a GPU
 # logits check has run with it (bench/decode_ops.py --device cuda --check). Prefetching the weight rows into
 # L2 before gdc_wait (cp.async.bulk.prefetch.L2) was tried and lost 2-3 us a GEMM; removed.
-PDL = os.environ.get("DELTASERVE_DECODE_LINEAR_PDL", "0") == "1"
+PDL = False
 
 
 def use_pdl(device: torch.device) -> bool:
@@ -237,7 +236,7 @@ def use_pdl(device: torch.device) -> bool:
 # "auto": ours where TABLE (or the rule below it) says it beats cuBLAS, on CUDA only; "on": ours for every
 # call that reaches project (any device: the interpreter tests); "off": cuBLAS always (A/B timing).
 # Read at every call, so flipping it between engine builds is enough (decode graphs capture the path taken).
-MODE = os.environ.get("DELTASERVE_DECODE_LINEAR", "auto")
+MODE = "auto"
 
 MAX_M = 256  # above this a decode step's GEMM is cuBLAS's regime
 
@@ -290,16 +289,13 @@ TABLE: dict[tuple[int, int, bool], list[tuple[int, LinearConfig | None]]] = {
 
 def load_table(path: str) -> dict:
     """A table as bench/decode_linear.py --sweep writes it (JSON: [[N, K, silu, [[M, config dict or null],
-    ...]], ...]), for trying a new card's table without editing this file: DELTASERVE_DECODE_LINEAR_TABLE."""
+    ...]], ...]), for trying a new card's table without editing this file (bench/engine.py --decode-linear-table)."""
     import json
     with open(path) as f:
         rows = json.load(f)
     return {(N, K, bool(silu)): [(M, None if c is None else LinearConfig(**c)) for M, c in entries]
             for N, K, silu, entries in rows}
 
-
-if os.environ.get("DELTASERVE_DECODE_LINEAR_TABLE"):
-    TABLE = load_table(os.environ["DELTASERVE_DECODE_LINEAR_TABLE"])
 
 
 def default_config(M: int, N: int, K: int, silu: bool) -> LinearConfig:
