@@ -8,7 +8,9 @@ with small widths: the count does not depend on them).
 
 On CUDA it also counts the GPU kernels (memcpys included) torch.profiler sees in one uncaptured step,
 and --check compares the triton backend's logits with the torch backend's over prefill and a few
-graph-captured decode steps of the same random model (bf16 and fp32).
+graph-captured decode steps of the same random model (bf16 and fp32); --check-pdl compares the graphed
+decode logits with kernels/decode_linear's programmatic dependent launch on and off (same kernels: they
+must be equal bit for bit), with every projection on our kernel and with its table's choice.
 
 What counts as a launch: a Triton kernel call, and an aten op that is neither a view nor an
 allocation. Two torch functions are one fused kernel on CUDA but decompose into several aten ops on
@@ -196,6 +198,29 @@ def check_against_torch(batch: int, dtype: torch.dtype, device: str, steps: int 
     return (logits[0] - logits[1]).abs().max().item()
 
 
+def check_pdl(model: HybridLM, batch: int, mode: str, steps: int = 8) -> bool:
+    """Whether graphed decode logits after a 100-token prefill are bitwise the same with
+    kernels/decode_linear.PDL off and on, its MODE set to `mode`."""
+    from kernels import decode_linear
+    saved = decode_linear.MODE, decode_linear.PDL
+    logits = []
+    for pdl in (False, True):
+        decode_linear.MODE, decode_linear.PDL = mode, pdl
+        pool = model.new_pool(batch, max_len=256)
+        slots = [pool.allocate() for _ in range(batch)]
+        gen = torch.Generator().manual_seed(1)
+        prompts = torch.randint(0, model.config.vocab_size, (batch * 100,), generator=gen).to(model.device)
+        model(prompts, Batch.build([100] * batch, slots, [0] * batch, model.device), pool)
+        step = DecodeStep(model, pool, max_batch=batch, capture=model.device.type == "cuda")
+        outs = []
+        for i in range(steps):
+            ids = [(13 * i + 7 * j) % model.config.vocab_size for j in range(batch)]
+            outs.append(step.run(ids, slots, [100 + i] * batch).clone())
+        logits.append(torch.cat(outs))
+    decode_linear.MODE, decode_linear.PDL = saved
+    return torch.equal(logits[0], logits[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 128])
@@ -204,6 +229,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ops", action="store_true", help="list the launches by op")
     parser.add_argument("--check", action="store_true", help="triton vs torch backend logits (see above)")
+    parser.add_argument("--check-pdl", action="store_true", help="decode logits with PDL on vs off (see above)")
     args = parser.parse_args()
     model = random_model(args.backend, getattr(torch, args.dtype), device=args.device)
     layers = model.config.num_layers
@@ -218,6 +244,9 @@ def main() -> None:
             for dtype in (torch.float32, torch.bfloat16):
                 diff = check_against_torch(batch, dtype, args.device)
                 print(f"  triton vs torch backend, {dtype}: max |logit diff| {diff:.3g}")
+        if args.check_pdl:
+            for mode in ("on", "auto"):
+                print(f"  decode_linear MODE={mode}: PDL on vs off bitwise equal: {check_pdl(model, batch, mode)}")
         if args.ops:
             for name, n in counter.counts.most_common():
                 print(f"  {n:6d}  {name}")

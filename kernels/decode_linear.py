@@ -216,14 +216,15 @@ def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool 
     return out
 
 
-# Programmatic dependent launch (Hopper on), when PDL is True: each kernel here launches with it,
-# calls gdc_launch_dependents first (so the next PDL launch, the split-K reduction or down after gate_up, may
-# start) and gdc_wait before touching memory, so its launch overlaps the tail of the kernel before. Same
-# kernels, same bits. Measured in the engine on an H200 (docs/performance.md, "Session 6: decode GEMMs"):
-# decode step B=1 1.014 -> 0.924 ms, B=32 1.455 -> 1.412, B=128 2.674 -> 2.673. Off by default until a GPU
-# logits check has run with it (bench/decode_ops.py --device cuda --check). Prefetching the weight rows into
-# L2 before gdc_wait (cp.async.bulk.prefetch.L2) was tried and lost 2-3 us a GEMM; removed.
-PDL = False
+# Programmatic dependent launch (Hopper on; PDL, on by default): each kernel here launches with it, calls
+# gdc_launch_dependents first (so the next PDL launch, the split-K reduction or down after gate_up, may start)
+# and gdc_wait before touching memory, so its launch overlaps the tail of the kernel before. Same kernels,
+# same bits: graphed decode logits were bitwise equal with it on and off on an H200 (bench/decode_ops.py
+# --check-pdl, B = 4 and 128, every projection ours and the table's choice). Engine decode step there
+# (docs/performance.md, "Session 6: decode GEMMs"): B=1 1.011 -> 0.977 ms, B=32 1.454 -> 1.410, B=128 and
+# 512 unchanged. Prefetching the weight rows into L2 before gdc_wait (cp.async.bulk.prefetch.L2) was tried
+# and lost 2-3 us a GEMM; removed.
+PDL = True
 
 
 def use_pdl(device: torch.device) -> bool:
