@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.engine import copy_bandwidth  # noqa: E402
 from kernels import decode_linear as dl  # noqa: E402
 from kernels.decode_linear import LinearConfig  # noqa: E402
 
@@ -56,19 +57,6 @@ def report(**fields) -> None:
     if os.environ.get("OUT"):
         with open(Path(os.environ["OUT"]) / "decode_linear.jsonl", "a") as f:
             f.write(line + "\n")
-
-
-def copy_bandwidth() -> float:
-    x = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 2 * 20 / (time.perf_counter() - start)
 
 
 class Case:
