@@ -224,6 +224,7 @@ class SparseMoE(nn.Module):
         self.shared_gate = _param(1, hidden_size)
 
     def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+        """decode_only is accepted as MLP.forward's is; the experts stay on torch matmuls either way."""
         probs = torch.softmax((x @ self.router.t()).float(), dim=-1)
         weights, experts = probs.topk(self.spec.top_k, dim=-1)  # [T, top_k]
         if self.spec.norm_topk_prob:
