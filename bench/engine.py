@@ -198,8 +198,9 @@ def main() -> None:
     parser.add_argument("--decode-linear-table", metavar="JSON",
                         help="launch shapes for kernels/decode_linear, as bench/decode_linear.py --sweep writes them")
     args = parser.parse_args()
-    if args.decode_linear_table:
+    if args.decode_linear_table:  # measured on this card (bench/decode_linear.py --sweep)
         decode_linear.TABLE = decode_linear.load_table(args.decode_linear_table)
+        decode_linear.TABLE_ARCH = torch.cuda.get_device_capability()
     copy_bw = copy_bandwidth()
     report(what="copy", TBps=round(copy_bw / 1e12, 3), gpu=torch.cuda.get_device_name())
     folder = Path(tempfile.mkdtemp())

@@ -28,6 +28,7 @@ decode-only steps of the triton backend (engine/models/layers.py, the LM head in
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +242,15 @@ MODE = "auto"
 
 MAX_M = 256  # above this a decode step's GEMM is cuBLAS's regime
 
+# The compute capability TABLE was measured on (an H200, sm_90): "auto" keeps cuBLAS on any other, where
+# nobody has timed ours against it (bench/engine.py --decode-linear-table sets both for the card it runs on).
+TABLE_ARCH = (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
 # Measured on an H200 (Triton 3.6, torch 2.11; docs/performance.md, "Session 6: decode GEMMs"):
 # bench/decode_linear.py --sweep chose each row's launch shape (a grid of BN, BK, warps, stages and K splits),
 # then --spacer timed it against cuBLAS after an RMSNorm writing x, as in a step, with L2 cold for the weights
@@ -318,13 +328,13 @@ def measured(M: int, N: int, K: int, silu: bool) -> tuple[bool, LinearConfig | N
 
 
 def pick(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.dtype) -> LinearConfig | None:
-    """The launch shape for this GEMM, or None where cuBLAS should run it (MODE, TABLE)."""
+    """The launch shape for this GEMM, or None where cuBLAS should run it (MODE, TABLE, TABLE_ARCH)."""
     if MODE == "off" or not 0 < M <= MAX_M:
         return None
     found, cfg = measured(M, N, K, silu)
     if MODE == "on":
         return cfg or default_config(M, N, K, silu)
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or _arch(device) != TABLE_ARCH:
         return None
     return cfg if found else None  # unmeasured shapes stay on cuBLAS
 

@@ -82,8 +82,12 @@ def test_pick_follows_the_mode_and_the_table(monkeypatch):
     cfg = LinearConfig(bn=128, bk=64, split=2, warps=8, stages=3)
     monkeypatch.setattr(dl, "TABLE", {(300, 64, False): [(8, cfg), (64, None)]})
     monkeypatch.setattr(dl, "MODE", "auto")
+    monkeypatch.setattr(dl, "_arch", lambda device: dl.TABLE_ARCH)
     assert dl.pick(4, 300, 64, False, cpu, bf16) is None  # auto: CUDA only
     assert dl.pick(4, 300, 64, False, cuda, bf16) == cfg
+    monkeypatch.setattr(dl, "_arch", lambda device: (8, 0))
+    assert dl.pick(4, 300, 64, False, cuda, bf16) is None  # a card the table was not measured on
+    monkeypatch.setattr(dl, "_arch", lambda device: dl.TABLE_ARCH)
     assert dl.pick(4, 300, 64, False, cuda, torch.float32) is None  # fp32 models stay on cuBLAS
     assert dl.pick(9, 300, 64, False, cuda, bf16) is None  # cuBLAS won there
     assert dl.pick(65, 300, 64, False, cuda, bf16) is None  # past the table
