@@ -120,42 +120,21 @@ def test_table_configs_are_well_formed():
 
 @pytest.fixture(scope="module")
 def qwen_pair(tmp_path_factory):
-    from engine.loader import load_model
-    from tiny_checkpoints import save_qwen3_5
-    folder = tmp_path_factory.mktemp("qwen3_5_linear")
-    save_qwen3_5(folder, seed=6, num_hidden_layers=4)  # 3 Gated DeltaNet layers, then gated attention
-    return [load_model(folder, device="cpu", backend=b).model for b in ("torch", "triton")]
+    from hybrid_steps import load_qwen_pair
+    return load_qwen_pair(tmp_path_factory.mktemp("qwen3_5_linear"), seed=6)
 
 
 def test_triton_decode_step_on_the_kernel_matches_the_torch_backend(qwen_pair, monkeypatch):
     """The padded decode step CUDA graphs capture, with every projection (and the LM head) on
     kernels/decode_linear, against the torch backend; prefill and mixed steps stay on torch matmuls."""
-    from engine.cuda_graphs import DecodeStep
-    from engine.models.state import Batch
+    from hybrid_steps import prefill_decode_mixed
 
     monkeypatch.setattr(dl, "MODE", "on")
     calls = []
     run = dl.linear
     monkeypatch.setattr(dl, "linear", lambda x, w, cfg, **k: calls.append((x.shape[0], w.shape[0], k.get("silu")))
                         or run(x, w, cfg, **k))
-    lens, slots = [6, 33, 2], [0, 2, 1]
-    prompts = torch.randint(0, 384, (sum(lens),), generator=torch.Generator().manual_seed(3))
-    results = []
-    for model in qwen_pair:
-        pool = model.new_pool(4, max_len=64)
-        for _ in range(4):
-            pool.allocate()
-        outs = [model.logits(model(prompts, Batch.build(lens, slots, [0, 0, 0], model.device), pool))]
-        step = DecodeStep(model, pool, max_batch=4, capture=False)  # pads 3 sequences to 4
-        positions = list(lens)
-        for i in range(3):
-            ids = [(17 * i + 5 * j) % 384 for j in range(3)]
-            outs.append(step.run(ids, slots, positions).float().clone())
-            positions = [p + 1 for p in positions]
-        sizes = [3, 1, 1]  # a mixed step: not decode-only, so torch matmuls
-        ids = torch.randint(0, 384, (sum(sizes),), generator=torch.Generator().manual_seed(4))
-        outs.append(model.logits(model(ids, Batch.build(sizes, slots, positions, model.device), pool)))
-        results.append((outs, pool))
+    results = [prefill_decode_mixed(model) for model in qwen_pair]  # prefill and the mixed step: torch matmuls
     # per decode step: 3 GDN layers x (in, out) + attention (qkv, o) + 4 MLPs (gate_up with silu, down) + head
     per_step = 3 * 2 + 2 + 4 * 2 + 1
     assert len(calls) == 3 * per_step and {c[0] for c in calls} == {4}

@@ -5,10 +5,10 @@ a Qwen3.5 hybrid also through the padded decode step CUDA graphs capture."""
 import pytest
 import torch
 
-from engine.cuda_graphs import DecodeStep
 from engine.demo import write_gated_deltanet
 from engine.loader import load_model
 from engine.models.state import Batch
+from hybrid_steps import load_qwen_pair, prefill_decode_mixed
 
 SMALL = {"model_type": "gated_deltanet", "vocab_size": 260, "hidden_size": 32, "num_hidden_layers": 2,
          "num_heads": 2, "num_v_heads": 4, "head_dim": 16, "expand_v": 1.0, "hidden_ratio": 2,
@@ -87,10 +87,7 @@ def test_triton_backend_matches_reference_through_prefill_and_decode(pair, path,
 
 @pytest.fixture(scope="module")
 def qwen_pair(tmp_path_factory):
-    from tiny_checkpoints import save_qwen3_5
-    folder = tmp_path_factory.mktemp("qwen3_5")
-    save_qwen3_5(folder, seed=5, num_hidden_layers=4)  # 3 Gated DeltaNet layers, then gated attention
-    return [load_model(folder, device="cpu", backend=b).model for b in ("torch", "triton")]
+    return load_qwen_pair(tmp_path_factory.mktemp("qwen3_5"), seed=5)
 
 
 @pytest.mark.parametrize("path", ["unfused", "folded", "fused"])
@@ -103,24 +100,7 @@ def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_
     use_decode_path(monkeypatch, path)
     monkeypatch.setattr(kernels.gdn_decode, "conv_decode_norm",
                         lambda x, *a, **k: fused_batches.append(x.shape[0]) or conv_decode_norm(x, *a, **k))
-    lens, slots = [6, 33, 2], [0, 2, 1]
-    prompts = torch.randint(0, 384, (sum(lens),), generator=torch.Generator().manual_seed(3))
-    results = []
-    for model in qwen_pair:
-        pool = model.new_pool(4, max_len=64)
-        for _ in range(4):
-            pool.allocate()
-        outs = [model.logits(model(prompts, Batch.build(lens, slots, [0, 0, 0], model.device), pool))]
-        step = DecodeStep(model, pool, max_batch=4, capture=False)  # pads 3 sequences to 4: one scratch row
-        positions = list(lens)
-        for i in range(3):
-            ids = [(17 * i + 5 * j) % 384 for j in range(3)]
-            outs.append(step.run(ids, slots, positions).clone())
-            positions = [p + 1 for p in positions]
-        sizes = [3, 1, 1]  # a mixed step: one prompt chunk beside two decodes
-        ids = torch.randint(0, 384, (sum(sizes),), generator=torch.Generator().manual_seed(4))
-        outs.append(model.logits(model(ids, Batch.build(sizes, slots, positions, model.device), pool)))
-        results.append((outs, pool))
+    results = [prefill_decode_mixed(model) for model in qwen_pair]
     # 3 Gated DeltaNet layers in each of the 3 padded decode steps
     assert fused_batches == ([4] * 3 * 3 if path == "fused" else [])
     (expected, ref_pool), (got, pool) = results
