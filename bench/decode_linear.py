@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import copy_bandwidth  # noqa: E402
 from kernels import decode_linear as dl  # noqa: E402
+from kernels import pdl as pdl_switch  # noqa: E402
 from kernels.decode_linear import LinearConfig  # noqa: E402
 
 # name -> (N, K, silu): bench/engine.py's model (hidden 1024, intermediate 3584, 16 heads of 128 for
@@ -88,10 +89,10 @@ class Case:
         return max(len(self.ws), 24)
 
     def ours(self, cfg: LinearConfig, pdl: bool | None = None):
-        pdl = dl.PDL if pdl is None else pdl
+        pdl = pdl_switch.ENABLED if pdl is None else pdl
 
         def run(w):
-            dl.PDL = pdl
+            pdl_switch.ENABLED = pdl
             return dl.linear(self._x(), w, cfg, silu=self.silu, out=self.out)
         return run
 
@@ -160,7 +161,7 @@ def _compile_worker(jobs: list[tuple]) -> int:
     """Run each job once (building its kernel into Triton's disk cache); returns how many failed."""
     failed = 0
     for name, M, cfg, *pdl in jobs:
-        dl.PDL = pdl[0] if pdl else dl.PDL
+        pdl_switch.ENABLED = pdl[0] if pdl else pdl_switch.ENABLED
         N, K, silu = SHAPES[name]
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(min(N, 2048), K, device="cuda", dtype=torch.bfloat16)  # N's value is not compiled in
@@ -231,11 +232,11 @@ def sweep(names: list[str], ms: list[int], workers: int, copy_bw: float) -> None
 
 def compare(names: list[str], ms: list[int], copy_bw: float, workers: int, spacer: bool) -> None:
     """Ours (the launch shape from TABLE, else --candidates', else the default; with PDL as
-    kernels/decode_linear.PDL says, and the other way too) vs cuBLAS per (shape, M), and the sum over a step's
+    kernels/pdl.ENABLED says, and the other way too) vs cuBLAS per (shape, M), and the sum over a step's
     GEMMs per M. With `spacer`, every call follows an RMSNorm writing x (as in a decode step, where the norm's
     tail and our launch can overlap under PDL); its time alone is printed and subtracted. Writes the table
     of winners (ours, as PDL says, >= 3% faster) to $OUT."""
-    default_pdl = dl.PDL
+    default_pdl = pdl_switch.ENABLED
     configs = {}
     for name in names:
         N, K, silu = SHAPES[name]
@@ -257,7 +258,7 @@ def compare(names: list[str], ms: list[int], copy_bw: float, workers: int, space
                 for key, fn in fns.items():
                     if key != "norm" or spacer:
                         times[key].append(time_us(case, fn))
-            dl.PDL = default_pdl
+            pdl_switch.ENABLED = default_pdl
             med = {k: sorted(v)[1] if v else 0.0 for k, v in times.items()}
             us = {k: med[k] - med["norm"] for k in ("cublas", "ours", "ours_other_pdl")}
             win = us["ours"] < 0.97 * us["cublas"]

@@ -200,12 +200,12 @@ def check_against_torch(batch: int, dtype: torch.dtype, device: str, steps: int 
 
 def check_pdl(model: HybridLM, batch: int, mode: str, steps: int = 8) -> bool:
     """Whether graphed decode logits after a 100-token prefill are bitwise the same with
-    kernels/decode_linear.PDL off and on, its MODE set to `mode`."""
-    from kernels import decode_linear
-    saved = decode_linear.MODE, decode_linear.PDL
+    kernels/pdl.ENABLED off and on, kernels/decode_linear.MODE set to `mode`."""
+    from kernels import decode_linear, pdl
+    saved = decode_linear.MODE, pdl.ENABLED
     logits = []
-    for pdl in (False, True):
-        decode_linear.MODE, decode_linear.PDL = mode, pdl
+    for use_pdl in (False, True):
+        decode_linear.MODE, pdl.ENABLED = mode, use_pdl
         pool = model.new_pool(batch, max_len=256)
         slots = [pool.allocate() for _ in range(batch)]
         gen = torch.Generator().manual_seed(1)
@@ -217,7 +217,7 @@ def check_pdl(model: HybridLM, batch: int, mode: str, steps: int = 8) -> bool:
             ids = [(13 * i + 7 * j) % model.config.vocab_size for j in range(batch)]
             outs.append(step.run(ids, slots, [100 + i] * batch).clone())
         logits.append(torch.cat(outs))
-    decode_linear.MODE, decode_linear.PDL = saved
+    decode_linear.MODE, pdl.ENABLED = saved
     return torch.equal(logits[0], logits[1])
 
 

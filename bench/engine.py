@@ -31,7 +31,7 @@ from engine.models import gdn_backend  # noqa: E402
 from engine.loader import load_model  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.slots import SlotPool, resolve_state_dtype  # noqa: E402
-from kernels import decode_linear  # noqa: E402
+from kernels import decode_linear, pdl  # noqa: E402
 
 SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
              num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
@@ -192,8 +192,8 @@ def main() -> None:
     parser.add_argument("--decode-linear", default="auto", choices=["auto", "off", "both"],
                         help="decode steps' projections through kernels/decode_linear where its TABLE says it beats "
                              "cuBLAS (auto) or all on cuBLAS (off); both: our batches once each way")
-    parser.add_argument("--linear-pdl", default="default", choices=["default", "on", "off", "both"],
-                        help="programmatic dependent launch of kernels/decode_linear's kernels (its PDL); "
+    parser.add_argument("--pdl", default="default", choices=["default", "on", "off", "both"],
+                        help="programmatic dependent launch of the decode-step kernels (kernels/pdl.ENABLED); "
                              "both: our batches once each way")
     parser.add_argument("--decode-linear-table", metavar="JSON",
                         help="launch shapes for kernels/decode_linear, as bench/decode_linear.py --sweep writes them")
@@ -214,13 +214,13 @@ def main() -> None:
         check_determinism(loaded, args.prompt)
     folds = {"on": [True], "off": [False], "both": [True, False]}[args.fold_conv]
     linears = {"auto": ["auto"], "off": ["off"], "both": ["auto", "off"]}[args.decode_linear]
-    pdls = {"default": [decode_linear.PDL], "on": [True], "off": [False], "both": [False, True]}[args.linear_pdl]
+    pdls = {"default": [pdl.ENABLED], "on": [True], "off": [False], "both": [False, True]}[args.pdl]
     variants = [(f, m, p) for f in folds for m in linears for p in pdls]
-    for fold, mode, pdl in variants:
+    for fold, mode, use_pdl in variants:
         # set before each engine captures its decode graphs (a graph keeps the path taken at capture)
-        gdn_backend.FOLD_CONV, decode_linear.MODE, decode_linear.PDL = fold, mode, pdl
+        gdn_backend.FOLD_CONV, decode_linear.MODE, pdl.ENABLED = fold, mode, use_pdl
         if len(variants) > 1:
-            report(what="variant", fold_conv=fold, decode_linear=mode, linear_pdl=pdl)
+            report(what="variant", fold_conv=fold, decode_linear=mode, pdl=use_pdl)
         for state_dtype in args.state_dtypes.split(","):
             for b in [int(b) for b in args.batches.split(",") if b]:
                 run_ours(loaded, b, args.prompt, args.new, copy_bw, state_dtype)

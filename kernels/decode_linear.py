@@ -36,10 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:  # grid dependency control (programmatic dependent launch), Hopper on
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # an older Triton: PDL is never turned on (see use_pdl)
-    gdc_launch_dependents = gdc_wait = None
+from kernels import pdl
+from kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @dataclass(frozen=True)
@@ -200,37 +198,29 @@ def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool 
     tiles_n = triton.cdiv(width, cfg.bn // 2) if silu else triton.cdiv(N, cfg.bn)
     grid = (tiles_n, split, triton.cdiv(M, BM))
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
-    pdl = use_pdl(x.device)
-    launch = {"launch_pdl": True} if pdl else {}
+    use_pdl = pdl.enabled(x.device)
+    launch = pdl.launch_kwargs(x.device)
     _decode_linear_kernel[grid](
         x, w, out, part, M, N, K, N // 2 if silu else 0, k_per_split, x.stride(0), w.stride(0), out.stride(0),
         BN=cfg.bn, BM=BM, BK=bk, EVEN_K=K % bk == 0, SILU=silu, PARTIAL=split > 1,
-        IEEE=x.dtype == torch.float32 or x.device.type == "cpu", PDL=pdl,
+        IEEE=x.dtype == torch.float32 or x.device.type == "cpu", PDL=use_pdl,
         num_warps=cfg.warps, num_stages=cfg.stages, **launch,
     )
     if split > 1:
         block = min(1024, triton.next_power_of_2(width))
         _reduce_kernel[(M, triton.cdiv(width, block))](
-            part, out, M, N, N // 2 if silu else 0, out.stride(0), SPLIT=split, SILU=silu, BLOCK=block, PDL=pdl,
+            part, out, M, N, N // 2 if silu else 0, out.stride(0), SPLIT=split, SILU=silu, BLOCK=block, PDL=use_pdl,
             num_warps=4, **launch,
         )
     return out
 
 
-# Programmatic dependent launch (Hopper on; PDL, on by default): each kernel here launches with it, calls
-# gdc_launch_dependents first (so the next PDL launch, the split-K reduction or down after gate_up, may start)
-# and gdc_wait before touching memory, so its launch overlaps the tail of the kernel before. Same kernels,
-# same bits: graphed decode logits were bitwise equal with it on and off on an H200 (bench/decode_ops.py
-# --check-pdl, B = 4 and 128, every projection ours and the table's choice). Engine decode step there
-# (docs/performance.md, "Session 6: decode GEMMs"): B=1 1.011 -> 0.977 ms, B=32 1.454 -> 1.410, B=128 and
-# 512 unchanged. Prefetching the weight rows into L2 before gdc_wait (cp.async.bulk.prefetch.L2) was tried
-# and lost 2-3 us a GEMM; removed.
-PDL = True
-
-
-def use_pdl(device: torch.device) -> bool:
-    return (PDL and gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+# Programmatic dependent launch (kernels/pdl.py): each kernel here calls gdc_launch_dependents first (so
+# the next PDL launch, the split-K reduction or down after gate_up, may start) and gdc_wait before touching
+# memory. Graphed decode logits were bitwise equal with it on and off on an H200 (bench/decode_ops.py
+# --check-pdl); engine decode step there (docs/performance.md, "Session 6: decode GEMMs"): B=1 1.011 ->
+# 0.977 ms, B=32 1.454 -> 1.410, B=128 and 512 unchanged. Prefetching the weight rows into L2 before
+# gdc_wait (cp.async.bulk.prefetch.L2) was tried and lost 2-3 us a GEMM; removed.
 
 
 # ---- which launch shape, and whether at all -------------------------------------------------------------
