@@ -10,6 +10,10 @@ idle (N = 1024: the down and out projections), K is split over `split` programs 
 partial products [split, M, N]; a second kernel sums them in a fixed order (no atomics: the same
 bits every run) and applies the epilogue.
 
+A caller that adds y into something next (a block's residual stream: the out, o and down projections,
+whose add_rms_norm follows) may take the partial products themselves (`partial`, a SplitK) and leave the
+sum to that kernel (kernels/norm.py rms_norm), in the same order and rounding: one launch fewer.
+
 Epilogues: none (y in x's dtype), or `silu`: W's rows are [gate | up] (the SwiGLU MLP's gate_up)
 and y = silu(x @ Wg^T) * (x @ Wu^T), [M, N / 2]: a program's BN weight rows are BN / 2 gate rows
 and the BN / 2 up rows of the same outputs, so the activation happens on the accumulator and the
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -49,6 +54,13 @@ class LinearConfig:
     split: int = 1
     warps: int = 4
     stages: int = 4
+
+
+class SplitK(NamedTuple):
+    """A projection's output left unreduced: y is parts summed over dim 0 in order (from zero, fp32) and
+    rounded to `dtype` (what _reduce_kernel computes; kernels/norm.py rms_norm reads parts as its residual)."""
+    parts: Tensor  # [split, M, N] fp32, contiguous
+    dtype: torch.dtype
 
 
 def block_m(M: int) -> int:
@@ -168,14 +180,17 @@ def _reduce_kernel(
 
 
 def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool = False,
-           out: Tensor | None = None) -> Tensor:
+           out: Tensor | None = None, partial: bool = False) -> Tensor | SplitK:
     """x @ w.T, or with `silu` silu(x @ w[:N/2].T) * (x @ w[N/2:].T).
 
     x: [M, K] (row stride free, last dim contiguous); w: [N, K] (likewise), x's dtype.
     config: the launch shape (default: pick's, else LinearConfig()). out: where to write y (rows free,
-    last dim contiguous), else a new tensor. Returns y: [M, N] (with silu [M, N / 2]) in x.dtype.
+    last dim contiguous), else a new tensor. partial (not with silu or out): where the launch splits K,
+    return the SplitK partial products instead of reducing them.
+    Returns y: [M, N] (with silu [M, N / 2]) in x.dtype, or a SplitK.
     Graph-safe: no host sync; the partial buffer of a split launch comes from torch's allocator.
     """
+    assert not partial or (not silu and out is None), "partial: a plain projection into a new tensor"
     M, K = x.shape
     N, K_w = w.shape
     assert K == K_w and x.dtype == w.dtype, f"x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}"
@@ -206,6 +221,8 @@ def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool 
         IEEE=x.dtype == torch.float32 or x.device.type == "cpu", PDL=use_pdl,
         num_warps=cfg.warps, num_stages=cfg.stages, **launch,
     )
+    if split > 1 and partial:
+        return SplitK(part, x.dtype)
     if split > 1:
         block = min(1024, triton.next_power_of_2(width))
         _reduce_kernel[(M, triton.cdiv(width, block))](
@@ -335,13 +352,15 @@ def launch_key(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: 
     return None if cfg is None else (cfg, block_m(M), min(cfg.split, triton.cdiv(K, cfg.bk)) > 1)
 
 
-def project(x: Tensor, w: Tensor, silu: bool = False, out: Tensor | None = None) -> Tensor:
-    """A decode step's projection: ours where pick says so, else cuBLAS (then kernels/swiglu for silu)."""
+def project(x: Tensor, w: Tensor, silu: bool = False, out: Tensor | None = None,
+            partial: bool = False) -> Tensor | SplitK:
+    """A decode step's projection: ours where pick says so, else cuBLAS (then kernels/swiglu for silu).
+    partial: a SplitK may come back where ours splits K (see linear)."""
     M, K = x.shape
     N = w.shape[0]
     cfg = pick(M, N, K, silu, x.device, x.dtype)
     if cfg is not None:
-        return linear(x, w, cfg, silu=silu, out=out)
+        return linear(x, w, cfg, silu=silu, out=out, partial=partial)
     if silu:
         from kernels.swiglu import silu_mul
         return silu_mul(x @ w.t())

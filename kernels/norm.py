@@ -6,13 +6,21 @@
 - rms_norm: the decoder's pre-norm, y = x / sqrt(mean(x^2) + eps) * weight, optionally after the
   residual add it follows (s = x + residual, rounded to x's dtype as a separate add would, is
   normed and returned too), so a block's add and norm are one kernel instead of an add and the
-  three of a norm in fp32 (cast in, norm, cast out).
+  three of a norm in fp32 (cast in, norm, cast out). The residual may also arrive as the split-K
+  partial products of the projection that made it (kernels/decode_linear.py, a decode step's out,
+  o and down projections at small batch): summed here, in the order and with the rounding of that
+  kernel's own reduction, which is then one launch fewer (48 of a step's ~230 at B <= 32).
+
+Both launch with programmatic dependent launch where kernels/pdl.py enables it (decode steps).
 """
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from kernels import pdl
+from kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 # M (rows) changes every step: unspecialised, one compiled kernel serves every batch (Triton would
@@ -33,7 +41,11 @@ def _gated_rms_norm_kernel(
     N: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # see kernels/pdl.py: the next kernel may launch now; nothing is read before the last is done
+        gdc_launch_dependents()
+        gdc_wait()
     o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     o_t, o_h = o_m // H, o_m % H
     o_n = tl.arange(0, BN)
@@ -74,7 +86,8 @@ def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, eps: float = 1e-6) -> T
     grid = (triton.cdiv(M, BM),)
     _gated_rms_norm_kernel[grid](
         x, z, weight, y, M, x.stride(0), x.stride(1), z.stride(0), z.stride(1), eps,
-        H=H, N=N, BM=BM, BN=BN, num_warps=4 if BN <= 1024 else 8,
+        H=H, N=N, BM=BM, BN=BN, PDL=pdl.enabled(x.device), num_warps=4 if BN <= 1024 else 8,
+        **pdl.launch_kwargs(x.device),
     )
     return y
 
@@ -82,7 +95,7 @@ def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, eps: float = 1e-6) -> T
 @triton.jit(do_not_specialize=["M"])  # see _gated_rms_norm_kernel
 def _rms_norm_kernel(
     x,  # [M, N], last dim contiguous
-    residual,  # [M, N], last dim contiguous (unread without HAS_RESIDUAL)
+    residual,  # [M, N], last dim contiguous, or with SPLIT > 1 [SPLIT, M, N] fp32, contiguous (unread without HAS_RESIDUAL)
     weight,  # [N]
     y,  # [M, N], contiguous
     s,  # [M, N], contiguous: x + residual (unwritten without HAS_RESIDUAL)
@@ -94,14 +107,25 @@ def _rms_norm_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    SPLIT: tl.constexpr,  # > 1: residual holds split-K partial products, summed and rounded here
+    PDL: tl.constexpr,
 ):
+    if PDL:  # see kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     mask_n = o_n < N
     mask = (o_m < M)[:, None] & mask_n[None, :]
     b_x = tl.load(x + o_m[:, None] * stride_x_m + o_n[None, :], mask=mask, other=0)
     if HAS_RESIDUAL:
-        b_r = tl.load(residual + o_m[:, None] * stride_r_m + o_n[None, :], mask=mask, other=0)
+        if SPLIT > 1:  # as kernels/decode_linear's _reduce_kernel: from zero, splits in order, one rounding
+            b_r = tl.zeros([BM, BN], dtype=tl.float32)
+            for i_s in tl.static_range(SPLIT):
+                b_r += tl.load(residual + (i_s * M + o_m[:, None]) * N + o_n[None, :], mask=mask, other=0)
+            b_r = b_r.to(s.dtype.element_ty)
+        else:
+            b_r = tl.load(residual + o_m[:, None] * stride_r_m + o_n[None, :], mask=mask, other=0)
         b_x = (b_x.to(tl.float32) + b_r.to(tl.float32)).to(s.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(s + o_m[:, None] * N + o_n[None, :], b_x, mask=mask)
     b_x = b_x.to(tl.float32)
@@ -115,12 +139,20 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | No
     """rmsnorm(x) * weight over the last dim, or with `residual`: s = x + residual, then
     (rmsnorm(s) * weight, s).
 
-    x, residual: [M, N] (row strides free, last dim contiguous; one float dtype); weight: [N].
+    x: [M, N] (row stride free, last dim contiguous; a float dtype); weight: [N]; residual: [M, N] in
+    x's dtype (row stride free, last dim contiguous), or [S, M, N] fp32 split-K partial products
+    (kernels/decode_linear.SplitK.parts), which stand for their sum in split order rounded to x's dtype.
     Returns y: [M, N] in x.dtype, or (y, s) with s: [M, N] in x.dtype.
     """
     M, N = x.shape
     assert weight.shape == (N,), f"x {x.shape}, weight {weight.shape}"
-    assert residual is None or (residual.shape == (M, N) and residual.dtype == x.dtype), "residual: x's shape, dtype"
+    split = 1
+    if residual is not None and residual.dim() == 3:
+        split = residual.shape[0]
+        assert residual.shape[1:] == (M, N) and residual.dtype == torch.float32, "partials: [S, M, N] fp32"
+        residual = residual.contiguous()
+    else:
+        assert residual is None or (residual.shape == (M, N) and residual.dtype == x.dtype), "residual: x's shape, dtype"
     assert N <= 16384, "rows wider than 16384 are not supported"
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -133,7 +165,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | No
         BM = max(1, min(16, 4096 // BN))
         _rms_norm_kernel[(triton.cdiv(M, BM),)](
             x, residual if residual is not None else x, weight, y, s if s is not None else y, M, x.stride(0),
-            residual.stride(0) if residual is not None else 0, eps,
-            N=N, BM=BM, BN=BN, HAS_RESIDUAL=residual is not None, num_warps=4 if BN <= 1024 else 8,
+            residual.stride(-2) if residual is not None else 0, eps,
+            N=N, BM=BM, BN=BN, HAS_RESIDUAL=residual is not None, SPLIT=split, PDL=pdl.enabled(x.device),
+            num_warps=4 if BN <= 1024 else 8, **pdl.launch_kwargs(x.device),
         )
     return y if residual is None else (y, s)

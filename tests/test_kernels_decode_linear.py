@@ -124,21 +124,51 @@ def qwen_pair(tmp_path_factory):
     return load_qwen_pair(tmp_path_factory.mktemp("qwen3_5_linear"), seed=6)
 
 
-def test_triton_decode_step_on_the_kernel_matches_the_torch_backend(qwen_pair, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,split", [(1, 96, 128, 4), (5, 70, 100, 4)])  # the second with a K tail
+def test_split_k_products_summed_by_the_norm_give_the_reduction_bits(dtype, M, N, K, split):
+    """A residual projection's SplitK handed to rms_norm: the same y and residual sum, bit for bit, as the
+    reduction kernel's output handed to it (the norm sums the splits in the same order and rounding)."""
+    from kernels.norm import rms_norm
+
+    x, w = _inputs(M, N, K, dtype, seed=K)
+    stream = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(dtype)
+    norm_weight = torch.rand(N, generator=torch.Generator().manual_seed(2)) + 0.5
+    cfg = LinearConfig(bn=32, bk=32, split=split)
+    parts = linear(x, w, cfg, partial=True)
+    assert isinstance(parts, dl.SplitK) and parts.parts.shape == (split, M, N) and parts.dtype == dtype
+    y, s = rms_norm(stream, norm_weight, 1e-6, residual=parts.parts)
+    y_ref, s_ref = rms_norm(stream, norm_weight, 1e-6, residual=linear(x, w, cfg))
+    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
+    # unsplit launches have nothing to hand over
+    assert isinstance(linear(x, w, LinearConfig(bn=32, bk=32), partial=True), torch.Tensor)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_triton_decode_step_on_the_kernel_matches_the_torch_backend(qwen_pair, monkeypatch, split):
     """The padded decode step CUDA graphs capture, with every projection (and the LM head) on
-    kernels/decode_linear, against the torch backend; prefill and mixed steps stay on torch matmuls."""
+    kernels/decode_linear, against the torch backend; prefill and mixed steps stay on torch matmuls.
+    split 2: every projection splits K, so the out, o and down projections hand their products to the
+    next add_rms_norm (SplitK) and gate_up's reduction applies silu * up."""
     from hybrid_steps import prefill_decode_mixed
 
     monkeypatch.setattr(dl, "MODE", "on")
+    monkeypatch.setattr(dl, "default_config", lambda M, N, K, silu: LinearConfig(bn=32, bk=16, split=split))
     calls = []
     run = dl.linear
     monkeypatch.setattr(dl, "linear", lambda x, w, cfg, **k: calls.append((x.shape[0], w.shape[0], k.get("silu")))
                         or run(x, w, cfg, **k))
+    from kernels import norm
+    residual_dims, run_norm = [], norm.rms_norm
+    monkeypatch.setattr(norm, "rms_norm", lambda x, w, eps, residual=None: residual_dims.append(
+        None if residual is None else residual.dim()) or run_norm(x, w, eps, residual=residual))
     results = [prefill_decode_mixed(model) for model in qwen_pair]  # prefill and the mixed step: torch matmuls
     # per decode step: 3 GDN layers x (in, out) + attention (qkv, o) + 4 MLPs (gate_up with silu, down) + head
     per_step = 3 * 2 + 2 + 4 * 2 + 1
     assert len(calls) == 3 * per_step and {c[0] for c in calls} == {4}
     assert sum(1 for c in calls if c[2]) == 3 * 4
+    # each decode step's 8 residual adds after the first take split-K products when the projections split
+    assert residual_dims.count(3) == (3 * 8 if split > 1 else 0)
     (expected, ref_pool), (got, pool) = results
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4)

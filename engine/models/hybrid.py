@@ -41,7 +41,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None, batch: Batch, pool: SlotPool,
                 index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream enters and leaves as x + delta ([T, hidden] each; delta None: x alone):
-        each add is left to the norm after it, which does both in one kernel on the triton backend."""
+        each add is left to the norm after it, which does both in one kernel on the triton backend (and
+        on decode steps there sums delta's split-K products too, when it comes as a SplitK)."""
         h, x = add_rms_norm(x, delta, self.mixer_norm, self.eps, self.backend)
         h, x = add_rms_norm(x, self.mixer(h, batch, pool, index), self.mlp_norm, self.eps, self.backend)
         return x, self.mlp(h, batch.decode_only)

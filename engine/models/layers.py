@@ -26,15 +26,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+def add_rms_norm(x: torch.Tensor, delta, weight: torch.Tensor, eps: float,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(s), s) for s = x + delta (or x when delta is None): a block's residual add and the
     norm after it. On the triton backend both are one kernel (kernels/norm.py) where the add, the casts
-    to and from fp32 and the norm were four."""
+    to and from fp32 and the norm were four; there delta may also be a projection's unreduced split-K
+    products (kernels/decode_linear.SplitK, see project), which that kernel sums."""
     if backend == "triton":
         from kernels import norm
+        from kernels.decode_linear import SplitK
         if delta is None:
             return norm.rms_norm(x, weight, eps), x
+        if isinstance(delta, SplitK):  # rounded to x's dtype inside the norm, as the reduction would
+            assert delta.dtype == x.dtype, f"split-K products of a {delta.dtype} projection, x {x.dtype}"
+            delta = delta.parts
         return norm.rms_norm(x, weight, eps, residual=delta)
     if delta is not None:
         x = x + delta
@@ -56,13 +61,15 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
     return out.to(x.dtype)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, decode: bool, silu: bool = False) -> torch.Tensor:
+def project(x: torch.Tensor, weight: torch.Tensor, decode: bool, silu: bool = False, residual: bool = False):
     """x @ weight.T (with `silu`, weight's rows [gate | up] give silu(gate) * up). `decode`: a triton-backend
     decode-only step, whose projections go through kernels/decode_linear.project (our skinny-M kernel where
-    its table says it beats cuBLAS on this GPU, else cuBLAS)."""
+    its table says it beats cuBLAS on this GPU, else cuBLAS). `residual`: the result only goes into
+    add_rms_norm as its delta, so on a decode step it may come back as unreduced split-K products
+    (kernels/decode_linear.SplitK), which that norm sums: one launch fewer."""
     if decode:
         from kernels.decode_linear import project as decode_project
-        return decode_project(x, weight, silu=silu)
+        return decode_project(x, weight, silu=silu, partial=residual)
     if silu:
         gate, up = (x @ weight.t()).chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -94,7 +101,8 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = _param(s.head_v_dim, fp32=True)
         self.out_proj = _param(hidden_size, s.value_dim)
 
-    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int):
+        """x [T, hidden] -> the block's delta [T, hidden] (a SplitK on some decode steps: see project)."""
         s = self.spec
         T = x.shape[0]
         decode = batch.decode_only and self.backend == "triton"
@@ -105,7 +113,7 @@ class GatedDeltaNet(nn.Module):
         if gdn_backend.fuses_decode(s, batch, self.backend, pool.recurrent[layer]):
             o = gdn_backend.fused_decode(s, qkv, gate, a, b, self.conv_weight, self.A_log, self.dt_bias,
                                          self.norm_weight, batch, pool.conv[layer], pool.recurrent[layer])
-            return project(o.reshape(T, s.value_dim), self.out_proj, decode)
+            return project(o.reshape(T, s.value_dim), self.out_proj, decode, residual=True)
 
         if gdn_backend.folds_conv(s, batch, self.backend):
             o = gdn_backend.conv_delta_rule_decode(s, qkv, a, b, self.conv_weight, self.A_log, self.dt_bias, batch,
@@ -121,7 +129,7 @@ class GatedDeltaNet(nn.Module):
                                        pool.recurrent[layer], decode_only, self.backend)
 
         o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation, self.backend)
-        return project(o.reshape(T, s.value_dim), self.out_proj, decode)
+        return project(o.reshape(T, s.value_dim), self.out_proj, decode, residual=True)
 
 
 class Attention(nn.Module):
@@ -145,7 +153,8 @@ class Attention(nn.Module):
             self.q_norm = _param(s.head_dim, fp32=True)
             self.k_norm = _param(s.head_dim, fp32=True)
 
-    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int):
+        """x [T, hidden] -> the block's delta [T, hidden] (a SplitK on some decode steps: see project)."""
         s = self.spec
         T = x.shape[0]
         decode = batch.decode_only and self.backend == "triton"
@@ -177,7 +186,7 @@ class Attention(nn.Module):
         if batch.decode_only and self.backend == "triton":  # reads the buffers in place, applies the gate
             from kernels.decode_attention import decode_attention
             out = decode_attention(q, gate, keys, values, positions, batch.slot_ids, s.window)
-            return project(out.view(T, s.num_heads * s.head_dim), self.o_proj, decode)
+            return project(out.view(T, s.num_heads * s.head_dim), self.o_proj, decode, residual=True)
         if batch.decode_only:
             length = batch.attn_len or max(batch.starts) + 1
             out = attention.attend_decode(q, positions, keys, values, batch.slot_ids, length, s.window)
@@ -198,11 +207,12 @@ class MLP(nn.Module):
         self.gate_up = _param(2 * intermediate_size, hidden_size)
         self.down = _param(hidden_size, intermediate_size)
 
-    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_only: bool = False):
         """decode_only: a decode-only step (on the triton backend its projections take kernels/decode_linear,
-        the activation inside the gate_up kernel where that kernel runs)."""
+        the activation inside the gate_up kernel where that kernel runs, and the result may be a SplitK
+        for the next add_rms_norm: see project)."""
         if decode_only and self.backend == "triton":
-            return project(project(x, self.gate_up, True, silu=True), self.down, True)
+            return project(project(x, self.gate_up, True, silu=True), self.down, True, residual=True)
         gate_up = x @ self.gate_up.t()
         if self.backend == "triton":  # silu and product in one kernel
             from kernels.swiglu import silu_mul
