@@ -26,6 +26,9 @@ shapes below were measured with fp32 state only.
 the conv taps a ring by position, kernels/conv.py): a decode-only step's conv and delta rule in one
 launch. `FOLD_CONV` in engine/models/gdn_backend.py is the switch the engine reads.
 
+The kernel launches with programmatic dependent launch where kernels/pdl.py enables it (decode steps):
+PDL on and off give the same bits (checked on an H200, .gpu/gdn_bench.py).
+
 Index arithmetic on the pool is 64-bit (the slot index is cast before it is multiplied): a pool
 of more than 2^31 elements is normal on an 80 GB card.
 """
@@ -35,7 +38,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels import pdl
 from kernels.conv import _MAX_WIDTH, _ring_conv, _ring_store, _silu, check_conv_pool
+from kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -97,7 +102,10 @@ def _fused_recurrent_decode_kernel(
     FOLD_CONV: tl.constexpr,
     W: tl.constexpr,
     TAPS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # the next kernel may launch now; it waits for this one in its own gdc_wait
+        gdc_launch_dependents()
     # One flat grid (the y/z grid dimensions stop at 65535): consecutive programs walk the V
     # blocks of one head, so together they sweep its [K, V] state front to back.
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -107,6 +115,8 @@ def _fused_recurrent_decode_kernel(
     i_n = i_nh // HV
     i_hv = i_nh % HV
     i_h = i_hv // (HV // H)
+    if PDL:  # every input below (q, k, v, ids, positions, gates, pools) may be the kernel before's output
+        gdc_wait()
 
     slot = tl.load(slot_ids + i_n).to(tl.int64)
     valid = slot >= 0
@@ -307,7 +317,7 @@ def _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, conv, scale, us
         scale,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
         USE_QK_L2NORM=use_qk_l2norm, FOLD_CONV=conv is not None,
-        W=conv_weight.shape[1] if conv else 1, TAPS=_MAX_WIDTH,
-        num_warps=num_warps,
+        W=conv_weight.shape[1] if conv else 1, TAPS=_MAX_WIDTH, PDL=pdl.enabled(v.device),
+        num_warps=num_warps, **pdl.launch_kwargs(v.device),
     )
     return o
