@@ -27,7 +27,7 @@ the conv taps a ring by position, kernels/conv.py): a decode-only step's conv an
 launch. `FOLD_CONV` in engine/models/gdn_backend.py is the switch the engine reads.
 
 The kernel launches with programmatic dependent launch where kernels/pdl.py enables it (decode steps):
-PDL on and off give the same bits (checked on an H200, .gpu/gdn_bench.py).
+PDL on and off give the same bits (checked on an H200).
 
 Index arithmetic on the pool is 64-bit (the slot index is cast before it is multiplied): a pool
 of more than 2^31 elements is normal on an 80 GB card.
