@@ -11,7 +11,7 @@ bf16 for the second product, as flash-attention does; on the CPU, the Triton int
 dot is wrong, the operands are widened to fp32 first); the output is optionally multiplied by
 sigmoid(gate) (Qwen's gated attention) before it is stored. Small batches split each sequence's
 keys over several programs (flash-decoding) so the GPU is not left with B * KVH programs, and a
-second launch combines the splits.
+second launch combines the splits. Both kernels launch with PDL where kernels/pdl.py enables it.
 
 Where the torch form gathered each slot's whole [length] buffer into a copy (keys[slot_ids, :L]),
 built a mask and ran SDPA, then the gate's sigmoid and product: ~8 kernels and a copy of every
@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels import pdl
+from kernels.pdl import gdc_launch_dependents, gdc_wait
 from kernels.recurrent import _num_sms
 
 _LOG2E = 1.4426950408889634
@@ -57,10 +59,15 @@ def _decode_attention_kernel(
     SPLIT: tl.constexpr,  # num_splits > 1: partial results for the combine kernel
     GATE: tl.constexpr,
     F32: tl.constexpr,  # dots on fp32 operands, "ieee": fp32 buffers, and any on the CPU (below)
+    PDL: tl.constexpr,
 ):
+    if PDL:  # the next kernel may launch now; it waits for us in its own gdc_wait
+        gdc_launch_dependents()
     i_b = tl.program_id(0).to(tl.int64)
     i_kv = tl.program_id(1)
     i_s = tl.program_id(2)
+    if PDL:  # q and this step's keys and values come from the kernel before (rope's store)
+        gdc_wait()
     slot = tl.load(slot_ids + i_b).to(tl.int64)
     pos = tl.load(positions + i_b).to(tl.int64)
     lo = tl.maximum(pos - window + 1, 0)
@@ -136,13 +143,18 @@ def _combine_splits_kernel(
     BD: tl.constexpr,
     NSPLIT: tl.constexpr,
     GATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
     # One program per (token, head): softmax-weighted sum of its splits' partial outputs.
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     o_s = tl.arange(0, NSPLIT)
     o_d = tl.arange(0, BD)
     row = (i_b * H + i_h) * NSPLIT + o_s  # [NSPLIT]
+    if PDL:  # the partials are the attention kernel's, just before
+        gdc_wait()
     b_m = tl.load(part_ml + row * 2)
     b_l = tl.load(part_ml + row * 2 + 1)
     b_acc = tl.load(part_acc + row[:, None] * D + o_d[None, :], mask=(o_d < D)[None, :], other=0)
@@ -227,14 +239,15 @@ def decode_attention(q: Tensor, gate: Tensor | None, keys: Tensor, values: Tenso
         part_ml = torch.empty(B, H, splits, 2, dtype=torch.float32, device=q.device)
     stride_g = (gate.stride(0), gate.stride(1)) if gate is not None else (0, 0)
     gate_arg = gate if gate is not None else q
+    use_pdl, pdl_kwargs = pdl.enabled(q.device), pdl.launch_kwargs(q.device)
     _decode_attention_kernel[(B, KVH, splits)](
         q, gate_arg, keys, values, positions, slot_ids, out, part_acc, part_ml, *stride_g,
         keys.shape[1], window if window is not None else keys.shape[1] + 1, splits, (scale or D ** -0.5) * _LOG2E,
         H=H, KVH=KVH, D=D, G=G, BG=max(16, triton.next_power_of_2(G)), BD=BD, BL=config.block,
         SPLIT=splits > 1, GATE=gate is not None, F32=keys.dtype == torch.float32 or keys.device.type == "cpu",
-        num_warps=config.warps, num_stages=config.stages,
+        PDL=use_pdl, num_warps=config.warps, num_stages=config.stages, **pdl_kwargs,
     )
     if splits > 1:
         _combine_splits_kernel[(B, H)](gate_arg, out, part_acc, part_ml, *stride_g, H=H, D=D, BD=BD,
-                                       NSPLIT=splits, GATE=gate is not None, num_warps=4)
+                                       NSPLIT=splits, GATE=gate is not None, PDL=use_pdl, num_warps=4, **pdl_kwargs)
     return out

@@ -6,13 +6,16 @@ small kernels a layer (casts, norms, two cats per rotation, the products, two in
 For token t, head h of q (and alike of k):
     x = q[t, h];  x <- rmsnorm(x) * w  (math in fp32, rounded to q's dtype, as the torch form)
     x[:r] <- x[:r] * cos[t] + rotate_half(x[:r]) * sin[t],  rotate_half(u) = [-u[r/2:], u[:r/2]]
-Math in fp32; outputs in q's dtype.
+Math in fp32; outputs in q's dtype. Launched with PDL where kernels/pdl.py enables it.
 """
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from kernels import pdl
+from kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -43,7 +46,10 @@ def _qk_norm_rope_store_kernel(
     R: tl.constexpr,
     BD: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # the next kernel (decode attention) may launch now; it waits for us in its own gdc_wait
+        gdc_launch_dependents()
     # One program per (token, head) over the H query heads then the KVH key heads.
     i_t = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -62,6 +68,8 @@ def _qk_norm_rope_store_kernel(
     else:
         base = k + i_t * stride_k_t + (i_h - H) * stride_k_h
         weight = k_weight
+    if PDL:  # q, k, v come from the projection before; cos and sin and the positions are this step's too
+        gdc_wait()
     b_x = tl.load(base + o_d, mask=mask_d, other=0).to(tl.float32)
     b_p = tl.load(base + partner, mask=in_rot, other=0).to(tl.float32)
     if NORM:
@@ -110,6 +118,6 @@ def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None,
         q, k, v, q_weight if norm else q, k_weight if norm else k, cos, sin, positions, token_slots, q_out,
         keys, values, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         keys.shape[1], eps, H=H, KVH=KVH, D=D, R=R, BD=triton.next_power_of_2(D), NORM=norm,
-        num_warps=1 if D <= 128 else 2,
+        PDL=pdl.enabled(q.device), num_warps=1 if D <= 128 else 2, **pdl.launch_kwargs(q.device),
     )
     return q_out
