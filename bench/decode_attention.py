@@ -3,6 +3,7 @@ bench model's attention shape (bench/engine.py: 8 query heads, 2 kv heads, head_
 
     python bench/decode_attention.py [--batches 1 8 32 64 128 256 512] [--contexts 128 576 2048 8192]
     python bench/decode_attention.py --sweep   # every launch config per row: which one is fastest
+    python bench/decode_attention.py --pdl off # kernels/pdl.ENABLED off (PDL overlaps one call's launch with the last)
 
 Every sequence of a row is at position context - 1 of its slot (it reads context keys and values), the
 slots a random permutation of the pool. Times are `triton.testing.do_bench_cudagraph` medians: each call
@@ -31,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine import copy_bandwidth  # noqa: E402
+from kernels import pdl  # noqa: E402
 from kernels.decode_attention import LaunchConfig, decode_attention, launch_config  # noqa: E402
 
 H, KVH, D = 8, 2, 256
@@ -122,10 +124,12 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 576, 2048, 8192])
     parser.add_argument("--rep", type=int, default=10, help="do_bench_cudagraph's rep (ms)")
     parser.add_argument("--sweep", action="store_true", help="time every candidate launch config per row")
+    parser.add_argument("--pdl", default="on", choices=["on", "off"], help="kernels/pdl.ENABLED for our kernels")
     args = parser.parse_args()
+    pdl.ENABLED = args.pdl == "on"
     copy_bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, triton {triton.__version__}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, PDL {'on' if pdl.enabled(torch.device('cuda')) else 'off'}")
     print("| B | context | KV MB | sets | config | ours us | TB/s | % copy | SDPA+gate us | % copy | SDPA / ours | "
           "max rel diff |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
