@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from conv_ring import ring_from_window, window_of_ring
-import kernels.gdn_decode
 from kernels import reference
 from kernels.conv import causal_conv1d_step
 from kernels.gdn_decode import conv_decode_norm, fused_launch_config, use_fused_decode
@@ -170,25 +169,11 @@ def test_equals_the_three_unfused_kernels_up_to_summation_order(state_dtype, BV)
     assert rel_err(one["state_pool"], two["state_pool"]) < (1e-6 if state_dtype == torch.float32 else 4e-3)
 
 
-def test_a_head_split_over_programs_is_normed_whole_and_leaves_the_arrival_counters_at_zero():
-    # V = 40 in blocks of 8: five programs a head each store a block of o and arrive; the last one
-    # norms the whole row. The same steps in one block a head (BV = 64) give the same output up to
-    # summation order, and every counter is back at zero for the next launch.
-    one = run_steps(H=2, HV=4, K=16, V=40, slot_ids=[4, -1, 0, 2], num_slots=6, steps=2, dtype=torch.float32,
-                    state_dtype=torch.float32, BV=8)
-    whole = run_steps(H=2, HV=4, K=16, V=40, slot_ids=[4, -1, 0, 2], num_slots=6, steps=2, dtype=torch.float32,
-                      state_dtype=torch.float32, BV=64)
-    for y, y_whole in zip(one["ys"], whole["ys"]):
-        assert rel_err(y, y_whole) < 1e-6
-        assert torch.equal(y[1], torch.zeros_like(y[1]))
-    assert not kernels.gdn_decode._arrivals(1, torch.device("cpu")).any()
-
-
-def test_the_fusion_is_taken_for_batches_of_up_to_half_a_value_head_per_multiprocessor_with_an_fp32_state():
+def test_the_fusion_is_taken_for_small_batches_of_an_fp32_state_whose_rows_fit_a_program():
     cpu = torch.device("cpu")  # counted as 132 multiprocessors
     assert use_fused_decode(1, 16, 16, 128, 128, cpu) and use_fused_decode(4, 16, 16, 128, 128, cpu)
     assert not use_fused_decode(5, 16, 16, 128, 128, cpu)  # the unfused kernels were faster from B = 8
     assert not use_fused_decode(1, 16, 16, 128, 128, cpu, state_bytes=2)
-    assert use_fused_decode(1, 4, 8, 256, 512, cpu)  # any row: a program holds a [K, 32] block of it
-    assert fused_launch_config(128, 128) == (32, 2)
-    assert fused_launch_config(256, 512) == (32, 4)
+    assert not use_fused_decode(1, 4, 8, 256, 512, cpu)  # a [256, 512] row does not fit a program
+    assert fused_launch_config(128, 128) == (128, 4)
+    assert fused_launch_config(256, 512) == (64, 4)
