@@ -6,7 +6,11 @@ small kernels a layer (casts, norms, two cats per rotation, the products, two in
 For token t, head h of q (and alike of k):
     x = q[t, h];  x <- rmsnorm(x) * w  (math in fp32, rounded to q's dtype, as the torch form)
     x[:r] <- x[:r] * cos[t] + rotate_half(x[:r]) * sin[t],  rotate_half(u) = [-u[r/2:], u[:r/2]]
-Math in fp32; outputs in q's dtype. Launched with PDL where kernels/pdl.py enables it.
+    cos[t][j] = cos(p_t * inv_freq[j mod r/2]) (sin alike), p_t the token's position
+Math in fp32; outputs in q's dtype. The angles are computed here from the positions and the layer's
+inverse frequencies (engine/models/rope.py, the same fp32 product as its tables) rather than read from
+cos/sin tables, whose making was nine small torch launches a forward. Launched with PDL where
+kernels/pdl.py enables it.
 """
 
 import torch
@@ -25,8 +29,7 @@ def _qk_norm_rope_store_kernel(
     v,  # [T, KVH, D], last dim contiguous
     q_weight,  # [D] (unread without NORM)
     k_weight,  # [D] (unread without NORM)
-    cos,  # [T, R] fp32, contiguous
-    sin,  # [T, R] fp32, contiguous
+    inv_freq,  # [R / 2] fp32
     positions,  # [T]
     token_slots,  # [T]
     q_out,  # [T, H, D], contiguous
@@ -68,7 +71,7 @@ def _qk_norm_rope_store_kernel(
     else:
         base = k + i_t * stride_k_t + (i_h - H) * stride_k_h
         weight = k_weight
-    if PDL:  # q, k, v come from the projection before; cos and sin and the positions are this step's too
+    if PDL:  # q, k, v come from the projection before; the positions are this step's too
         gdc_wait()
     b_x = tl.load(base + o_d, mask=mask_d, other=0).to(tl.float32)
     b_p = tl.load(base + partner, mask=in_rot, other=0).to(tl.float32)
@@ -78,15 +81,16 @@ def _qk_norm_rope_store_kernel(
         b_p = (b_p * rstd * tl.load(weight + partner, mask=in_rot, other=0).to(tl.float32))
         b_x = b_x.to(q_out.dtype.element_ty).to(tl.float32)
         b_p = b_p.to(q_out.dtype.element_ty).to(tl.float32)
-    b_cos = tl.load(cos + i_t * R + o_d, mask=in_rot, other=1)
-    b_sin = tl.load(sin + i_t * R + o_d, mask=in_rot, other=0)
+    pos = tl.load(positions + i_t).to(tl.int64)
+    angle = pos.to(tl.float32) * tl.load(inv_freq + o_d % half, mask=in_rot, other=0)
+    b_cos = tl.where(in_rot, tl.cos(angle), 1.0)
+    b_sin = tl.where(in_rot, tl.sin(angle), 0.0)
     b_y = b_x * b_cos + sign * b_p * b_sin  # channels past R: cos 1, sin 0
 
     if is_q:
         tl.store(q_out + (i_t * H + i_h) * D + o_d, b_y.to(q_out.dtype.element_ty), mask=mask_d)
     else:
         slot = tl.load(token_slots + i_t).to(tl.int64)
-        pos = tl.load(positions + i_t).to(tl.int64)
         row = (slot * max_len + pos) * (KVH * D) + (i_h - H) * D
         tl.store(keys + row + o_d, b_y.to(keys.dtype.element_ty), mask=mask_d)
         b_v = tl.load(v + i_t * stride_v_t + (i_h - H) * stride_v_h + o_d, mask=mask_d, other=0)
@@ -94,28 +98,28 @@ def _qk_norm_rope_store_kernel(
 
 
 def qk_norm_rope_store(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
-                       eps: float, cos: Tensor, sin: Tensor, positions: Tensor, token_slots: Tensor,
+                       eps: float, inv_freq: Tensor, positions: Tensor, token_slots: Tensor,
                        keys: Tensor, values: Tensor) -> Tensor:
     """q: [T, H, D], k, v: [T, KVH, D] (token and head strides free, last dim contiguous: views into the
-    projections); q_weight, k_weight: [D] per-head norm weights, or both None for no norm; cos, sin:
-    [T, R] fp32 (R <= D, even); positions, token_slots: [T] int; keys, values: [S, L, KVH, D] contiguous.
+    projections); q_weight, k_weight: [D] per-head norm weights, or both None for no norm; inv_freq:
+    [R / 2] fp32, R <= D the rotary channels (engine/models/rope.inverse_frequencies); positions,
+    token_slots: [T] int; keys, values: [S, L, KVH, D] contiguous.
     Writes k (normed, rotated) and v into keys/values[token_slots, positions]; returns q normed and
     rotated, [T, H, D] contiguous in q's dtype."""
     T, H, D = q.shape
     KVH = k.shape[1]
-    R = cos.shape[-1]
+    R = 2 * inv_freq.shape[0]
     assert k.shape == v.shape == (T, KVH, D), f"q {q.shape}, k {k.shape}, v {v.shape}"
     assert (q_weight is None) == (k_weight is None), "norm both q and k or neither"
-    assert cos.shape == sin.shape == (T, R) and R <= D and R % 2 == 0, f"cos/sin {cos.shape}, D {D}"
+    assert inv_freq.dim() == 1 and 0 < R <= D and inv_freq.dtype == torch.float32, f"inv_freq {inv_freq.shape}, D {D}"
     assert keys.is_contiguous() and values.is_contiguous() and keys.shape[2:] == (KVH, D), "key/value buffers"
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
     q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     if T == 0:
         return q_out
     norm = q_weight is not None
     _qk_norm_rope_store_kernel[(T, H + KVH)](
-        q, k, v, q_weight if norm else q, k_weight if norm else k, cos, sin, positions, token_slots, q_out,
+        q, k, v, q_weight if norm else q, k_weight if norm else k, inv_freq.contiguous(), positions, token_slots, q_out,
         keys, values, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         keys.shape[1], eps, H=H, KVH=KVH, D=D, R=R, BD=triton.next_power_of_2(D), NORM=norm,
         PDL=pdl.enabled(q.device), num_warps=1 if D <= 128 else 2, **pdl.launch_kwargs(q.device),

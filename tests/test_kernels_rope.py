@@ -9,24 +9,25 @@ import pytest
 import torch
 
 from engine.models.layers import rms_norm
-from engine.models.rope import apply_rope, rope_tables
+from engine.models.rope import apply_rope, inverse_frequencies, rope_tables
 from kernels.rope import qk_norm_rope_store
 
 
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("head_dim,rotary_dim", [(32, 32), (48, 16)])
 def test_qk_norm_rope_store_matches_the_torch_form(norm, head_dim, rotary_dim):
-    T, H, KVH, S, L = 5, 4, 2, 6, 40
+    T, H, KVH, S, L = 6, 4, 2, 6, 3001
     gen = torch.Generator().manual_seed(head_dim + norm)
     qg = torch.randn(T, H, 2 * head_dim, generator=gen)
     q = qg[..., :head_dim]  # a view with the gate beside it, as the gated attention's q_proj yields
     k, v = torch.randn(2, T, KVH, head_dim, generator=gen).unbind(0)
     qw, kw = (1 + 0.2 * torch.randn(2, head_dim, generator=gen)).unbind(0) if norm else (None, None)
-    positions = torch.tensor([0, 7, 39, 3, 12])
-    slots = torch.tensor([5, 0, 2, 2, 3])
+    positions = torch.tensor([0, 7, 39, 3, 12, 3000])  # the last far out: angles of up to 3000 rad
+    slots = torch.tensor([5, 0, 2, 2, 3, 1])
     cos, sin = rope_tables(positions, rotary_dim, 10000.0)
     keys, values = torch.zeros(2, S, L, KVH, head_dim).unbind(0)
-    q_out = qk_norm_rope_store(q, k, v, qw, kw, 1e-6, cos, sin, positions, slots, keys, values)
+    inv_freq = inverse_frequencies(rotary_dim, 10000.0, positions.device)
+    q_out = qk_norm_rope_store(q, k, v, qw, kw, 1e-6, inv_freq, positions, slots, keys, values)
 
     if norm:
         q, k = rms_norm(q, qw, 1e-6), rms_norm(k, kw, 1e-6)

@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.config import AttentionSpec, GDNSpec, MoESpec
 from engine.models import attention, gdn_backend
-from engine.models.rope import apply_rope
+from engine.models.rope import apply_rope, inverse_frequencies
 from engine.models.state import Batch
 from engine.slots import SlotPool
 
@@ -170,14 +170,15 @@ class Attention(nn.Module):
         k = k.view(T, s.num_kv_heads, s.head_dim)
         v = v.view(T, s.num_kv_heads, s.head_dim)
         positions = batch.positions
-        cos, sin = batch.rope_tables(s.rotary_dim, s.rope_theta)
         keys, values = pool.keys[layer], pool.values[layer]  # [slots, max_len, kv_heads, d]
         if self.backend == "triton":
             from kernels.rope import qk_norm_rope_store
             norms = (self.q_norm, self.k_norm) if s.qk_norm else (None, None)
-            q = qk_norm_rope_store(q, k, v, *norms, self.norm_eps, cos, sin, positions, batch.token_slots,
+            inv_freq = inverse_frequencies(s.rotary_dim, s.rope_theta, x.device)
+            q = qk_norm_rope_store(q, k, v, *norms, self.norm_eps, inv_freq, positions, batch.token_slots,
                                    keys, values)
         else:
+            cos, sin = batch.rope_tables(s.rotary_dim, s.rope_theta)
             if s.qk_norm:
                 q, k = rms_norm(q, self.q_norm, self.norm_eps), rms_norm(k, self.k_norm, self.norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

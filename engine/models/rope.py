@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def inverse_frequencies(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """[rotary_dim / 2] fp32: theta^(-2i / rotary_dim), the angle per position of channel pair i. Cached:
+    the same tensor every forward, made before a CUDA graph captures one (its warm-up forwards run first)
+    so that a decode step's rotation launches nothing for it (kernels/rope.py computes the angles)."""
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [T, rotary_dim] in fp32 for the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32,
-                                             device=positions.device) / rotary_dim))
+    inv_freq = inverse_frequencies(rotary_dim, theta, positions.device)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([freqs, freqs], dim=-1)
     return angles.cos(), angles.sin()
