@@ -95,7 +95,7 @@ def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, eps: float = 1e-6) -> T
 @triton.jit(do_not_specialize=["M"])  # see _gated_rms_norm_kernel
 def _rms_norm_kernel(
     x,  # [M, N], last dim contiguous
-    residual,  # [M, N], last dim contiguous, or with SPLIT > 1 [SPLIT, M, N] fp32, contiguous (unread without HAS_RESIDUAL)
+    residual,  # [M, N], last dim contiguous; SPLIT > 1: [SPLIT, M, N] fp32, contiguous (unread without HAS_RESIDUAL)
     weight,  # [N]
     y,  # [M, N], contiguous
     s,  # [M, N], contiguous: x + residual (unwritten without HAS_RESIDUAL)
@@ -152,7 +152,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | No
         assert residual.shape[1:] == (M, N) and residual.dtype == torch.float32, "partials: [S, M, N] fp32"
         residual = residual.contiguous()
     else:
-        assert residual is None or (residual.shape == (M, N) and residual.dtype == x.dtype), "residual: x's shape, dtype"
+        assert residual is None or (residual.shape == (M, N) and residual.dtype == x.dtype), \
+            "residual: x's shape, dtype"
     assert N <= 16384, "rows wider than 16384 are not supported"
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
