@@ -6,8 +6,8 @@ programs are scheduled once every program of the one before has called gdc_launc
 exited), and each waits in gdc_wait until that kernel has finished and its writes are visible. So a
 kernel that calls gdc_launch_dependents first and gdc_wait before its first load or store of shared
 data computes exactly what it would without PDL (same bits), but its launch and prologue overlap the
-tail of the kernel before. A decode step at small batch is ~230 launches of a few microseconds each,
-where that overlap is a measurable share (docs/performance.md, "Session 6: decode GEMMs").
+tail of the kernel before. A decode step at small batch is ~190 launches of a few microseconds each,
+where that overlap is a measurable share (docs/performance.md, "Session 6: decode GEMMs" and "Session 7").
 
 Rules for a kernel that takes a PDL constexpr: under `if PDL:` call gdc_launch_dependents at the top
 and gdc_wait before touching any tensor another kernel writes or reads; launch it with
