@@ -88,13 +88,8 @@ class Case:
     def calls(self) -> int:
         return max(len(self.ws), 24)
 
-    def ours(self, cfg: LinearConfig, pdl: bool | None = None):
-        pdl = pdl_switch.ENABLED if pdl is None else pdl
-
-        def run(w):
-            pdl_switch.ENABLED = pdl
-            return dl.linear(self._x(), w, cfg, silu=self.silu, out=self.out)
-        return run
+    def ours(self, cfg: LinearConfig):
+        return lambda w: dl.linear(self._x(), w, cfg, silu=self.silu, out=self.out)
 
     def cublas(self, with_silu: bool = True):
         if self.silu and with_silu:
@@ -252,11 +247,13 @@ def compare(names: list[str], ms: list[int], copy_bw: float, workers: int, space
             case.spacer = spacer
             cfg = configs[name, M]
             times = {"cublas": [], "ours": [], "ours_other_pdl": [], "norm": []}
-            fns = {"cublas": case.cublas(), "ours": case.ours(cfg, default_pdl),
-                   "ours_other_pdl": case.ours(cfg, not default_pdl), "norm": case.norm_only()}
+            fns = {"cublas": case.cublas(), "ours": case.ours(cfg), "ours_other_pdl": case.ours(cfg),
+                   "norm": case.norm_only()}
             for _ in range(3):
                 for key, fn in fns.items():
                     if key != "norm" or spacer:
+                        # PDL is one switch for every kernel (the spacer norm's too): flipped for that variant only
+                        pdl_switch.ENABLED = default_pdl != (key == "ours_other_pdl")
                         times[key].append(time_us(case, fn))
             pdl_switch.ENABLED = default_pdl
             med = {k: sorted(v)[1] if v else 0.0 for k, v in times.items()}

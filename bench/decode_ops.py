@@ -9,8 +9,9 @@ with small widths: the count does not depend on them).
 On CUDA it also counts the GPU kernels (memcpys included) torch.profiler sees in one uncaptured step,
 and --check compares the triton backend's logits with the torch backend's over prefill and a few
 graph-captured decode steps of the same random model (bf16 and fp32); --check-pdl compares the graphed
-decode logits with kernels/decode_linear's programmatic dependent launch on and off (same kernels: they
-must be equal bit for bit), with every projection on our kernel and with its table's choice.
+decode logits with programmatic dependent launch (kernels/pdl.ENABLED) on and off for every decode-step
+kernel (same kernels: they must be equal bit for bit), with every projection on kernels/decode_linear and
+with its table's choice.
 
 What counts as a launch: a Triton kernel call, and an aten op that is neither a view nor an
 allocation. Two torch functions are one fused kernel on CUDA but decompose into several aten ops on

@@ -17,6 +17,8 @@ for everything before them as usual, so mixing is safe.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # grid dependency control; an older Triton never turns PDL on (see enabled)
@@ -32,8 +34,12 @@ ENABLED = True
 def enabled(device: torch.device) -> bool:
     """Whether a kernel launched now on `device` uses PDL: ENABLED, a Triton that has it, a CUDA
     device of compute capability 9 or later."""
-    return (ENABLED and gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return ENABLED and gdc_wait is not None and device.type == "cuda" and _hopper_or_later(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_later(device: torch.device) -> bool:  # asked at every eager launch: once per device
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def launch_kwargs(device: torch.device) -> dict:

@@ -12,6 +12,8 @@ Canonical parameter names (what the family weight maps produce):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -19,6 +21,9 @@ from engine.config import LINEAR_ATTENTION, ModelConfig
 from engine.models.layers import MLP, Attention, GatedDeltaNet, SparseMoE, _param, add_rms_norm
 from engine.models.state import Batch, SequenceState
 from engine.slots import SlotPool
+
+if TYPE_CHECKING:  # kernels/ (Triton) is imported only where the triton backend runs
+    from kernels.decode_linear import SplitK
 
 
 class Block(nn.Module):
@@ -38,8 +43,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, backend)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, batch: Batch, pool: SlotPool,
-                index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | SplitK | None, batch: Batch, pool: SlotPool,
+                index: int) -> tuple[torch.Tensor, torch.Tensor | SplitK]:
         """The residual stream enters and leaves as x + delta ([T, hidden] each; delta None: x alone):
         each add is left to the norm after it, which does both in one kernel on the triton backend (and
         on decode steps there sums delta's split-K products too, when it comes as a SplitK)."""

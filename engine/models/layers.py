@@ -8,6 +8,8 @@ canonical names (see engine/models/hybrid.py); family modules map checkpoint nam
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,9 @@ from engine.models.rope import apply_rope, inverse_frequencies
 from engine.models.state import Batch
 from engine.slots import SlotPool
 
+if TYPE_CHECKING:  # kernels/ (Triton) is imported only where the triton backend runs
+    from kernels.decode_linear import SplitK
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x_hat * w in fp32, back to x's dtype (zero-centred weights arrive with the +1 folded in).
@@ -26,7 +31,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, delta, weight: torch.Tensor, eps: float,
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | None, weight: torch.Tensor, eps: float,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(s), s) for s = x + delta (or x when delta is None): a block's residual add and the
     norm after it. On the triton backend both are one kernel (kernels/norm.py) where the add, the casts
