@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import pdl
-from kernels.pdl import gdc_launch_dependents, gdc_wait
+from kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ def _decode_linear_kernel(
     PARTIAL: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,  # 128-byte lines of each weight row to pull into L2 before gdc_wait (0: none)
 ):
     if PDL:  # whatever comes next on the stream may launch now (it waits for us in its own gdc_wait)
         gdc_launch_dependents()
@@ -113,6 +114,12 @@ def _decode_linear_kernel(
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     o_k = tl.arange(0, BK)
+    if PREFETCH > 0:
+        # The weights are no kernel's output: while the kernel before us finishes, this program's
+        # rows stream from HBM into L2, and the loads after gdc_wait find them there.
+        LINE: tl.constexpr = 1024 // w.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
+        o_line = tl.minimum(k_lo + tl.arange(0, PREFETCH) * LINE, K - 1)
+        prefetch_l2(w + w_row.to(tl.int64)[:, None] * stride_wn + o_line[None, :])
     if PDL:  # nothing is read or written before the kernel before us is done
         gdc_wait()
     p_w = w + w_row.to(tl.int64)[:, None] * stride_wn + (k_lo + o_k)[None, :]  # [BN, BK]
@@ -215,10 +222,11 @@ def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool 
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     use_pdl = pdl.enabled(x.device)
     launch = pdl.launch_kwargs(x.device)
+    prefetch = prefetch_lines(M, w, min(k_per_split, K), split) if use_pdl else 0
     _decode_linear_kernel[grid](
         x, w, out, part, M, N, K, N // 2 if silu else 0, k_per_split, x.stride(0), w.stride(0), out.stride(0),
         BN=cfg.bn, BM=BM, BK=bk, EVEN_K=K % bk == 0, SILU=silu, PARTIAL=split > 1,
-        IEEE=x.dtype == torch.float32 or x.device.type == "cpu", PDL=use_pdl,
+        IEEE=x.dtype == torch.float32 or x.device.type == "cpu", PDL=use_pdl, PREFETCH=prefetch,
         num_warps=cfg.warps, num_stages=cfg.stages, **launch,
     )
     if split > 1 and partial:
@@ -236,8 +244,30 @@ def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool 
 # the next PDL launch, the split-K reduction or down after gate_up, may start) and gdc_wait before touching
 # memory. Graphed decode logits were bitwise equal with it on and off on an H200 (bench/decode_ops.py
 # --check-pdl); engine decode step there (docs/performance.md, "Session 6: decode GEMMs"): B=1 1.011 ->
-# 0.977 ms, B=32 1.454 -> 1.410, B=128 and 512 unchanged. Prefetching the weight rows into L2 before
-# gdc_wait (cp.async.bulk.prefetch.L2) was tried and lost 2-3 us a GEMM; removed.
+# 0.977 ms, B=32 1.454 -> 1.410, B=128 and 512 unchanged. An L2 prefetch of the weight rows before gdc_wait
+# (cp.async.bulk.prefetch.L2) lost 2-3 us a GEMM then, behind a norm launched without PDL; see PREFETCH_L2.
+
+
+# L2 prefetch before gdc_wait (kernels/pdl.prefetch_l2): a PDL launch of ours that starts while the kernel
+# before it runs pulls its weight rows into L2 meanwhile. Since session 7 every kernel of the decode step
+# launches early (the norms too), so this now overlaps; in session 6, behind a norm without PDL, it lost.
+# Where, from engine steps on an H200 (docs/performance.md, "Session 8"): from PREFETCH_MIN_M rows, and
+# below that only split-K launches (the 4-7 MB N = 1024 projections). B = 32 1.270 -> 1.250 ms; at B = 1
+# prefetching every GEMM was 0.022 ms slower (early launches chain, so gate_up's 15 MB would stream during
+# the Gated DeltaNet kernel and out_proj, the critical path), split-K only 0.007 faster. Weights over
+# PREFETCH_MAX_BYTES (the LM head's 311 MB) would evict themselves. Read at every launch.
+PREFETCH_L2 = True
+PREFETCH_MAX_BYTES = 32 << 20
+PREFETCH_MIN_M = 16
+
+
+def prefetch_lines(M: int, w: Tensor, k_span: int, split: int) -> int:
+    """The PREFETCH constexpr of a PDL launch of M rows, `split` programs over K, each k_span of K:
+    the 128-byte lines of each weight row a program pulls into L2 before gdc_wait (rounded up to a power
+    of two), or 0 for none (the rules above)."""
+    if not PREFETCH_L2 or (M < PREFETCH_MIN_M and split == 1) or w.numel() * w.element_size() > PREFETCH_MAX_BYTES:
+        return 0
+    return triton.next_power_of_2(triton.cdiv(k_span * w.element_size(), 128))
 
 
 # ---- which launch shape, and whether at all -------------------------------------------------------------

@@ -12,7 +12,8 @@ where that overlap is a measurable share (docs/performance.md, "Session 6: decod
 Rules for a kernel that takes a PDL constexpr: under `if PDL:` call gdc_launch_dependents at the top
 and gdc_wait before touching any tensor another kernel writes or reads; launch it with
 `**launch_kwargs(device)` and PDL=enabled(device). Kernels launched without PDL (cuBLAS, torch's) wait
-for everything before them as usual, so mixing is safe.
+for everything before them as usual, so mixing is safe. Before gdc_wait a kernel may only prefetch_l2 what
+no kernel of the step writes (kernels/decode_linear.py: its weight rows).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 try:  # grid dependency control; an older Triton never turns PDL on (see enabled)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -45,3 +48,12 @@ def _hopper_or_later(device: torch.device) -> bool:  # asked at every eager laun
 def launch_kwargs(device: torch.device) -> dict:
     """The extra keyword arguments of a Triton launch on `device`: {"launch_pdl": True} or none."""
     return {"launch_pdl": True} if enabled(device) else {}
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte line at every pointer: a hint, nothing waits for it (CUDA only; the
+    interpreter has no inline assembly). Before gdc_wait it overlaps a read of data no kernel on the
+    stream writes (weights; a state last written by an earlier step) with the kernel before."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

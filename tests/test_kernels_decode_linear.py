@@ -185,3 +185,19 @@ def test_decode_step_launches_on_the_kernel(monkeypatch):
     counts = count_decode_step(random_model("triton", torch.bfloat16), 4).counts
     assert counts["triton:_decode_linear_kernel"] == 4 * 24 + 1
     assert counts["triton:_silu_mul_kernel"] == counts["matmul"] == counts["linear"] == 0
+
+
+def test_prefetch_covers_a_programs_k_span_and_skips_what_would_not_fit(monkeypatch):
+    monkeypatch.setattr(dl, "PREFETCH_L2", True)
+    w = torch.empty(8224, 1024, dtype=torch.bfloat16, device="meta")  # in_proj, 16.8 MB
+    # 1024 bf16 columns are 2048 bytes: 16 lines; a split's 288 columns (576 bytes) need 4.5, rounded to 8
+    assert dl.prefetch_lines(32, w, 1024, split=1) == 16
+    assert dl.prefetch_lines(32, w, 288, split=4) == 8
+    assert dl.prefetch_lines(dl.PREFETCH_MIN_M - 1, w, 1024, split=1) == 0  # few rows: only split launches
+    assert dl.prefetch_lines(1, w, 256, split=4) == 4
+    head = torch.empty(151936, 1024, dtype=torch.bfloat16, device="meta")  # the LM head would evict itself
+    assert dl.prefetch_lines(32, head, 1024, split=1) == 0
+    fp32 = torch.empty(1024, 2048, dtype=torch.float32, device="meta")
+    assert dl.prefetch_lines(64, fp32, 512, split=4) == 16
+    monkeypatch.setattr(dl, "PREFETCH_L2", False)
+    assert dl.prefetch_lines(32, w, 1024, split=1) == 0
