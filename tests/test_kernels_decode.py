@@ -214,3 +214,41 @@ def test_folded_conv_decode_leaves_the_last_inputs_in_the_ring_with_the_default_
     # Request 2 (slot 6) started fresh: its ring holds exactly its two decode inputs at cells 0 and 1.
     assert not torch.equal(conv_f[6, :, :2], r["before"][0][6, :, :2])
     assert torch.equal(conv_f[6, :, 2:], r["before"][0][6, :, 2:])
+
+
+# --- the gated output norm folded in (conv_recurrent_decode(norm=...)) ------------------------------
+
+
+@pytest.mark.parametrize("V,BV", [(24, 8), (32, 16), (24, 32)])  # 3 and 2 V blocks a head (the last norms), or one
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_folded_norm_equals_the_separate_gated_norm_step_after_step(V, BV, x_dtype):
+    from kernels.norm import gated_rms_norm
+
+    gen = torch.Generator().manual_seed(5)
+    H, HV, K, W, S = 2, 4, 16, 4, 9
+    D = 2 * H * K + HV * V
+    slot_ids = torch.tensor([3, -1, 0, 7, 5])
+    N = len(slot_ids)
+    weight = torch.randn(D, W, generator=gen) * 0.5
+    A_log, dt_bias = torch.randn(HV, generator=gen) * 0.5, torch.randn(HV, generator=gen) * 0.5
+    norm_weight = torch.rand(V, generator=gen) + 0.5
+    pools = {way: (torch.zeros(S, D, W, dtype=x_dtype), torch.randn(S, HV, K, V, generator=torch.Generator().manual_seed(1)))
+             for way in ("fused", "separate")}
+    for step in range(3):  # later launches see the arrival counters the earlier ones left at zero
+        x = torch.randn(N, D + 3, generator=gen).to(x_dtype)[:, 1 : 1 + D]
+        ab = torch.randn(N, 2 * HV, generator=gen).to(x_dtype)
+        z = torch.randn(N, HV * V + 5, generator=gen).to(x_dtype)[:, :HV * V].unflatten(1, (HV, V))  # strided rows
+        positions = torch.full((N,), step, dtype=torch.int64)
+        args = (A_log, dt_bias)
+        conv, state = pools["fused"]
+        fused = conv_recurrent_decode(x, weight, conv, positions, ab[:, :HV], ab[:, HV:], *args, state, slot_ids,
+                                      num_k_heads=H, BV=BV, norm=(z, norm_weight, 1e-6))
+        conv, state = pools["separate"]
+        o = conv_recurrent_decode(x, weight, conv, positions, ab[:, :HV], ab[:, HV:], *args, state, slot_ids,
+                                  num_k_heads=H, BV=BV)
+        separate = gated_rms_norm(o, z, norm_weight, 1e-6)
+        assert fused.dtype == x_dtype and fused.shape == (N, HV, V)
+        tol = 1e-6 if x_dtype == torch.float32 else 8e-3  # one bf16 rounding step apart at most
+        torch.testing.assert_close(fused, separate, atol=tol, rtol=tol)
+        assert not torch.allclose(fused[0].float(), o[0].float(), atol=1e-2)  # the norm was applied
+        assert torch.equal(pools["fused"][1], pools["separate"][1])
