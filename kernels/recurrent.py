@@ -83,9 +83,6 @@ def _fused_recurrent_decode_kernel(
     conv_weight,  # [2*H*K + HV*V, W], contiguous (read only with FOLD_CONV)
     conv_pool,  # [S, 2*H*K + HV*V, W] rings, contiguous (FOLD_CONV)
     positions,  # [N] int64 (FOLD_CONV)
-    z,  # [N, HV, V] output gate (read only with NORM)
-    norm_weight,  # [V] (NORM)
-    counters,  # [>= N * HV] int32, zero at launch and left zero (NORM with NV > 1)
     stride_q_n,
     stride_q_h,
     stride_k_n,
@@ -94,10 +91,7 @@ def _fused_recurrent_decode_kernel(
     stride_v_h,
     stride_a_n,
     stride_b_n,
-    stride_z_n,
-    stride_z_h,
     scale,
-    eps,
     H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
@@ -109,8 +103,6 @@ def _fused_recurrent_decode_kernel(
     W: tl.constexpr,
     TAPS: tl.constexpr,
     PDL: tl.constexpr,
-    NORM: tl.constexpr,  # o <- rmsnorm(o) * norm_weight * silu(z) per head, as kernels/norm.gated_rms_norm
-    BVF: tl.constexpr,  # V rounded up to a power of two (NORM)
 ):
     if PDL:  # the next kernel may launch now; it waits for this one in its own gdc_wait
         gdc_launch_dependents()
@@ -179,52 +171,7 @@ def _fused_recurrent_decode_kernel(
     b_o = _update_tile(p_s, mask_s, b_q, b_k, b_v, decay, beta)
 
     b_o = tl.where(valid, b_o, 0.0)
-    if NORM and NV == 1:  # the whole head's row is here
-        b_o = _gated_norm(b_o.to(o.dtype.element_ty).to(tl.float32), z, norm_weight, i_n, i_hv, o_v, mask_v,
-                          stride_z_n, stride_z_h, eps, V)
     tl.store(o + i_nh * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
-    if NORM and NV > 1:
-        # The head's last V block to finish norms its row (the others' stores are visible to it): one
-        # thread takes the ticket after a barrier puts every thread's store above before its release,
-        # and its acquire puts the other blocks' stores before the loads below. The row is re-read as
-        # stored (rounded to o's dtype), as the separate norm kernel would read it.
-        tl.debug_barrier()
-        p_count = counters + i_nh
-        ticket = tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu")
-        if ticket == NV - 1:
-            tl.store(p_count, 0)  # every block has counted: zero again for the next launch
-            o_f = tl.arange(0, BVF)
-            mask_f = o_f < V
-            b_row = tl.load(o + i_nh * V + o_f, mask=mask_f, other=0).to(tl.float32)
-            b_row = _gated_norm(b_row, z, norm_weight, i_n, i_hv, o_f, mask_f, stride_z_n, stride_z_h, eps, V)
-            tl.store(o + i_nh * V + o_f, b_row.to(o.dtype.element_ty), mask=mask_f)
-
-
-@triton.jit
-def _gated_norm(b_x, z, norm_weight, i_n, i_hv, o_v, mask_v, stride_z_n, stride_z_h, eps, V: tl.constexpr):
-    """rmsnorm(x) * weight * silu(z) of one head's row x [BV] (fp32; zero past V), in fp32."""
-    b_z = tl.load(z + i_n * stride_z_n + i_hv * stride_z_h + o_v, mask=mask_v, other=0).to(tl.float32)
-    b_w = tl.load(norm_weight + o_v, mask=mask_v, other=0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x) / V + eps)
-    return b_x * rstd * b_w * (b_z / (1.0 + tl.exp(-b_z)))
-
-
-# Per device, the arrival counters of the split-V norm (launches on one stream never overlap in them: with PDL
-# a launch touches them only after its gdc_wait). Outgrown buffers stay alive: a captured graph holds their
-# address.
-_counters: dict[torch.device, list[Tensor]] = {}
-
-
-def arrival_counters(device: torch.device, n: int) -> Tensor:
-    """At least n int32 counters on `device`, zero between launches. Made by the first call that needs
-    them, which must not be inside a CUDA graph capture (it would record the zeroing, not do it); the
-    engine runs every graphed batch size once before capturing (engine/cuda_graphs.py)."""
-    made = _counters.setdefault(device, [])
-    if not made or made[-1].numel() < n:
-        assert device.type != "cuda" or not torch.cuda.is_current_stream_capturing(), (
-            "recurrent decode with its norm: run each batch size once outside graph capture first")
-        made.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return made[-1]
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -314,7 +261,6 @@ def conv_recurrent_decode(
     use_qk_l2norm: bool = True,
     BV: int | None = None,
     num_warps: int | None = None,
-    norm: tuple[Tensor, Tensor, float] | None = None,
 ) -> Tensor:
     """fused_recurrent_decode with the short conv (SiLU, no bias) folded in: one launch where the
     unfused step takes causal_conv1d_step and fused_recurrent_decode, same grid, same result.
@@ -322,10 +268,7 @@ def conv_recurrent_decode(
     x: [N, 2*H*K + HV*V] pre-conv [q | k | v] (row stride free, last dim contiguous), H =
     num_k_heads; conv_weight: [D, W] (W <= 4); conv_pool: [S, D, W] rings (kernels/conv.py),
     contiguous, each request's input stored at its position's cell; positions: [N] int64, read on
-    the device. norm: (z [N, HV, V] with its last dim contiguous, weight [V], eps) to return
-    rmsnorm(o) * weight * silu(z) per head instead (kernels/norm.gated_rms_norm of the o this returns
-    without it): where a head spans several V blocks, the last block to finish norms the row. The rest
-    as for fused_recurrent_decode. Returns o: [N, HV, V] in x.dtype.
+    the device. The rest as for fused_recurrent_decode. Returns o: [N, HV, V] in x.dtype.
     """
     N, D = x.shape
     HV, K, V = state_pool.shape[1:]
@@ -340,14 +283,11 @@ def conv_recurrent_decode(
     k = x[:, H * K : 2 * H * K].unflatten(1, (H, K))
     v = x[:, 2 * H * K :].unflatten(1, (HV, V))
     conv = (conv_weight.contiguous(), conv_pool, positions)
-    return _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, conv, scale, use_qk_l2norm, BV, num_warps,
-                   norm)
+    return _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, conv, scale, use_qk_l2norm, BV, num_warps)
 
 
-def _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, conv, scale, use_qk_l2norm, BV, num_warps,
-            norm=None):
-    """Both entry points' launch; conv: (weight, pool, positions) to fold the conv in, or None; norm:
-    (z, weight, eps) to apply the output's gated norm, or None."""
+def _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, conv, scale, use_qk_l2norm, BV, num_warps):
+    """Both entry points' launch; conv: (weight, pool, positions) to fold the conv in, or None."""
     N, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     assert k.shape == (N, H, K) and v.shape[0] == N, "q, k, v shapes disagree"
@@ -369,22 +309,15 @@ def _launch(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, conv, scale, us
     BV = BV or default_BV
     num_warps = num_warps or default_warps
     conv_weight, conv_pool, positions = conv or (q, q, slot_ids)  # unread without FOLD_CONV
-    z, norm_weight, eps = norm or (v, A_log, 0.0)  # unread without NORM
-    if norm is not None:
-        assert z.shape == (N, HV, V) and z.stride(-1) == 1, f"z is {tuple(z.shape)}, want [{N}, {HV}, {V}] rows"
-        assert norm_weight.shape == (V,), f"norm weight is {tuple(norm_weight.shape)}, want [{V}]"
-    split_v = norm is not None and triton.cdiv(V, BV) > 1
-    counters = arrival_counters(v.device, N * HV) if split_v else slot_ids  # unread unless split_v
     grid = (N * HV * triton.cdiv(V, BV),)
     _fused_recurrent_decode_kernel[grid](
         q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, o, conv_weight, conv_pool, positions,
-        z, norm_weight, counters,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        a.stride(0), b.stride(0), z.stride(0), z.stride(1),
-        scale, eps,
+        a.stride(0), b.stride(0),
+        scale,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
         USE_QK_L2NORM=use_qk_l2norm, FOLD_CONV=conv is not None,
         W=conv_weight.shape[1] if conv else 1, TAPS=_MAX_WIDTH, PDL=pdl.enabled(v.device),
-        NORM=norm is not None, BVF=triton.next_power_of_2(V), num_warps=num_warps, **pdl.launch_kwargs(v.device),
+        num_warps=num_warps, **pdl.launch_kwargs(v.device),
     )
     return o

@@ -23,17 +23,15 @@ def pair(tmp_path_factory):
 
 
 def use_decode_path(monkeypatch, path: str) -> None:
-    """Make decode-only steps take `path`: "unfused" (conv step, decode, norm: three launches),
-    "folded_conv" (the conv inside the decode kernel, then the norm), "folded" (conv and norm inside
-    it, kernels/recurrent.py) or "fused" (kernels/gdn_decode.py, one launch)."""
+    """Make decode-only steps take `path`: "unfused" (conv step, decode, norm: three launches), "folded"
+    (the conv inside the decode kernel, then the norm) or "fused" (kernels/gdn_decode.py, one launch)."""
     import engine.models.gdn_backend
     import kernels.gdn_decode
     monkeypatch.setattr(kernels.gdn_decode, "use_fused_decode", lambda *args: path == "fused")
-    monkeypatch.setattr(engine.models.gdn_backend, "FOLD_CONV", path.startswith("folded"))
-    monkeypatch.setattr(engine.models.gdn_backend, "FOLD_NORM", path == "folded")
+    monkeypatch.setattr(engine.models.gdn_backend, "FOLD_CONV", path == "folded")
 
 
-@pytest.mark.parametrize("path", ["unfused", "folded_conv", "folded", "fused"])
+@pytest.mark.parametrize("path", ["unfused", "folded", "fused"])
 def test_triton_backend_matches_reference_through_prefill_and_decode(pair, path, monkeypatch):
     torch_model, triton_model = pair
     use_decode_path(monkeypatch, path)
@@ -78,7 +76,7 @@ def test_triton_backend_matches_reference_through_prefill_and_decode(pair, path,
     layers = SMALL["num_hidden_layers"]
     decode_steps = [3] * 2 * layers
     assert decode_batches == (decode_steps if path == "unfused" else []) + [2] * layers
-    assert folded_batches == (decode_steps if path.startswith("folded") else [])
+    assert folded_batches == (decode_steps if path == "folded" else [])
     assert len(plans) == 3  # the prompts, and the two mixed steps
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
@@ -92,7 +90,7 @@ def qwen_pair(tmp_path_factory):
     return load_qwen_pair(tmp_path_factory.mktemp("qwen3_5"), seed=5)
 
 
-@pytest.mark.parametrize("path", ["unfused", "folded_conv", "folded", "fused"])
+@pytest.mark.parametrize("path", ["unfused", "folded", "fused"])
 def test_triton_backend_matches_reference_on_a_hybrid_through_the_padded_decode_step(qwen_pair, path, monkeypatch):
     # fused: decode-only steps take the one-launch conv -> delta rule -> gated norm kernel whatever their
     # size (on a GPU only batches that fill it do).

@@ -10,8 +10,7 @@ On "triton", a mixed step (decodes and prompt chunks) runs its decodes through t
 kernels and only the chunks through the chunkwise ones: in the chunk kernels every one-token
 sequence would cost a whole 64-token chunk's work and its own launch programs. A small decode-only
 step runs conv, delta rule and gated norm as one kernel (`fused_decode`, kernels/gdn_decode.py); a
-larger one folds the conv into the decode kernel (`conv_delta_rule_decode`) unless FOLD_CONV is off,
-and with it the gated output norm unless FOLD_NORM is off.
+larger one folds the conv into the decode kernel (`conv_delta_rule_decode`) unless FOLD_CONV is off.
 
 The conv state of a slot is a ring of the last W inputs by position (kernels/conv.py): [D, W],
 x_p in cell p % W. The torch backend gathers a sequence's W-1 earlier inputs from it in
@@ -32,10 +31,6 @@ BACKENDS = ("torch", "triton")
 # decode kernel (kernels/recurrent.py conv_recurrent_decode) rather than as its own launch. Read at
 # every forward, so a benchmark can time both in one process (with CUDA graphs: capture after setting it).
 FOLD_CONV = True
-
-# Whether that kernel also applies the layer's gated output norm (kernels/recurrent.py, NORM), one launch
-# fewer a layer. Read at every forward, as FOLD_CONV.
-FOLD_NORM = True
 
 
 def fuses_decode(spec: GDNSpec, batch: Batch, backend: str, state_pool: torch.Tensor) -> bool:
@@ -71,22 +66,14 @@ def folds_conv(spec: GDNSpec, batch: Batch, backend: str) -> bool:
     return FOLD_CONV and backend == "triton" and batch.decode_only and not spec.allow_neg_eigval
 
 
-def folds_norm(spec: GDNSpec, gate: torch.Tensor | None) -> bool:
-    """Whether conv_delta_rule_decode also applies the output's gated norm (a silu gate, FOLD_NORM)."""
-    return FOLD_NORM and gate is not None and spec.gate_activation == "silu"
-
-
 def conv_delta_rule_decode(spec: GDNSpec, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                            conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, batch: Batch,
-                           conv_pool: torch.Tensor, state_pool: torch.Tensor,
-                           norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           conv_pool: torch.Tensor, state_pool: torch.Tensor) -> torch.Tensor:
     """delta_rule(short_conv(qkv)) of a decode-only step in one launch: qkv [T, conv_dim] pre-conv,
-    a, b [T, HV] -> o [T, HV, V]; the batch's conv taps and states advance. norm: (gate z [T, HV, V],
-    norm weight [V]) to return gated_rms_norm(o, z) instead (where folds_norm)."""
+    a, b [T, HV] -> o [T, HV, V]; the batch's conv taps and states advance."""
     from kernels.recurrent import conv_recurrent_decode
-    gated_norm = None if norm is None else (*norm, spec.norm_eps)
     return conv_recurrent_decode(qkv, conv_weight, conv_pool, batch.positions, a, b, A_log, dt_bias, state_pool,
-                                 batch.slot_ids, num_k_heads=spec.num_k_heads, norm=gated_norm)
+                                 batch.slot_ids, num_k_heads=spec.num_k_heads)
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, batch: Batch, conv_pool: torch.Tensor,

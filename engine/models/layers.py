@@ -121,11 +121,8 @@ class GatedDeltaNet(nn.Module):
             return project(o.reshape(T, s.value_dim), self.out_proj, decode, residual=True)
 
         if gdn_backend.folds_conv(s, batch, self.backend):
-            norm = (gate, self.norm_weight) if gdn_backend.folds_norm(s, gate) else None
             o = gdn_backend.conv_delta_rule_decode(s, qkv, a, b, self.conv_weight, self.A_log, self.dt_bias, batch,
-                                                   pool.conv[layer], pool.recurrent[layer], norm)
-            if norm is None:
-                o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation, self.backend)
+                                                   pool.conv[layer], pool.recurrent[layer])
         else:
             decode_only = batch.decode_only
             qkv = gdn_backend.short_conv(qkv, self.conv_weight, batch, pool.conv[layer], decode_only, self.backend)
@@ -135,7 +132,8 @@ class GatedDeltaNet(nn.Module):
             v = v.reshape(T, s.num_v_heads, s.head_v_dim)
             o = gdn_backend.delta_rule(q, k, v, a, b, self.A_log, self.dt_bias, s.allow_neg_eigval, batch,
                                        pool.recurrent[layer], decode_only, self.backend)
-            o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation, self.backend)
+
+        o = gated_rms_norm(o, gate, self.norm_weight, s.norm_eps, s.gate_activation, self.backend)
         return project(o.reshape(T, s.value_dim), self.out_proj, decode, residual=True)
 
 
