@@ -53,7 +53,7 @@ def launch_kwargs(device: torch.device) -> dict:
 @triton.jit
 def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte line at every pointer: a hint, nothing waits for it (CUDA only; the
-    interpreter has no inline assembly). Before gdc_wait it overlaps a read of data no kernel on the
-    stream writes (weights; a state last written by an earlier step) with the kernel before."""
+    interpreter has no inline assembly). Before gdc_wait it overlaps the read of data no kernel on the
+    stream writes (a GEMM's weights) with the kernel before."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
