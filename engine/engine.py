@@ -352,7 +352,7 @@ class LLMEngine:
         else:
             text, matched = seq.detokenizer.add(token), None
             if params.stop:  # only a request with stop strings holds text back to look for them
-                text, matched = seq.stop_checker.feed(text)
+                text, matched = seq.stop_checker.feed(text, _may_stop(seq))
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
             elif len(seq.output_ids) >= params.max_tokens:
@@ -370,7 +370,7 @@ class LLMEngine:
         """The text still held at the end; a stop string completed by the tail still cuts it."""
         if not seq.request.params.stop:
             return tail
-        text, matched = seq.stop_checker.feed(tail)
+        text, matched = seq.stop_checker.feed(tail, _may_stop(seq))
         if matched is not None:
             seq.finish_reason, seq.stop_reason = "stop", matched
             return text
@@ -383,3 +383,9 @@ class LLMEngine:
             request.prompt_logprobs_sent = True
         return RequestOutput(request.request_id, completions, request.prompt_ids, prompt_lp, request.finished,
                              len(request.prompt_ids), request.num_generated)
+
+
+def _may_stop(seq: Sequence) -> bool:
+    """May a stop string end the sequence now? Not within its first min_tokens tokens, as EOS and stop
+    token ids may not (sampling bans those; text can only be let through)."""
+    return len(seq.output_ids) > seq.request.params.min_tokens

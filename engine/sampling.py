@@ -24,7 +24,7 @@ _GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing by it would
 class SamplingParams:
     n: int = 1
     max_tokens: int = 64
-    min_tokens: int = 0
+    min_tokens: int = 0  # no EOS, stop token id or stop string ends the output before this many tokens
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no limit; -1 (what OpenAI/vLLM clients send) is stored as 0

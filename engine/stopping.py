@@ -15,17 +15,18 @@ class StopChecker:
         self._held = ""  # the longest tail of the text seen that is a proper prefix of some stop string
         self.matched: str | None = None
 
-    def feed(self, text_delta: str) -> tuple[str, str | None]:
+    def feed(self, text_delta: str, may_match: bool = True) -> tuple[str, str | None]:
         """Returns (text safe to emit now, the stop string matched or None).
 
         On a match the emitted text ends right before the stop string, and the stop string and everything after
-        it are dropped; the sequence is then finished and must not be fed again.
+        it are dropped; the sequence is then finished and must not be fed again. With may_match False (the
+        output is still shorter than its min_tokens) nothing matches: the text passes, less a possible start.
         """
         assert self.matched is None, "fed after a stop string matched"
         if not self._stop:
             return text_delta, None
         text = self._held + text_delta
-        match = self._first_match(text)
+        match = self._first_match(text) if may_match else None
         if match is not None:
             start, self.matched = match
             self._held = ""

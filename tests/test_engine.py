@@ -174,6 +174,19 @@ def test_stop_string_spanning_tokens_ends_the_text_before_it(loaded):
     assert len(ids) == text.index(stop) + 3  # the tokens of the stop string were generated, not shown
 
 
+def test_stop_string_does_not_end_the_output_before_min_tokens(loaded):
+    # min_tokens keeps EOS and stop token ids out of the first tokens; a stop string in them must not end
+    # the output either (vLLM's rule): the first match counts only from token min_tokens + 1 on.
+    letters = tuple((t, 30.0) for t in loaded.tokenizer.encode("abcdefghij", add_special_tokens=False))
+    params = SamplingParams(max_tokens=20, ignore_eos=True, logit_bias=letters, temperature=1.0, seed=3)
+    text = _drive(LLMEngine(loaded), {0: [("a", _prompt(12, 9), params)]})[("a", 0)][1]
+    stop = next(c for c in text[:5] if c in text[5:19])  # one letter, one token, in the first five and after
+    later = text.find(stop, 5)
+    held_off = dataclasses.replace(params, stop=(stop,), min_tokens=5)
+    ids, got, finish = _drive(LLMEngine(loaded), {0: [("b", _prompt(12, 9), held_off)]})[("b", 0)]
+    assert (got, finish, len(ids)) == (text[:later], "stop", later + 1)
+
+
 def test_requests_without_stop_strings_skip_the_stop_checker_and_keep_their_text(loaded, monkeypatch):
     params = SamplingParams(max_tokens=15, temperature=1.0, seed=2, ignore_eos=True)
     expected = _drive(LLMEngine(loaded), {0: [("a", _prompt(12, 9), params)]})[("a", 0)]
