@@ -8,14 +8,32 @@ Response models exist for the OpenAPI schema and for building answers with named
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo,
+                      model_serializer, model_validator)
+from pydantic_core import PydanticUseDefault
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a str only as a lone one: JSON pairs decode to one code point
 TokenIds = list[StrictInt]
 Prompt = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+
+
+def _null_is_default(value: Any) -> Any:
+    if value is None:
+        raise PydanticUseDefault()
+    return value
+
+
+def _default_if_null(kind: type) -> Any:
+    return Annotated[kind, BeforeValidator(_null_is_default, json_schema_input_type=kind | None)]
+
+
+# Fields that OpenAI's API declares nullable and that have a default here: null is the default, as there.
+# Clients send null for "not given" (the openai client does for any argument passed as None).
+IntOrNull = _default_if_null(int)
+FloatOrNull = _default_if_null(float)
+BoolOrNull = _default_if_null(bool)
 
 
 class _Request(BaseModel):
@@ -63,15 +81,15 @@ class SamplingFields(_Body):
     """Sampling fields shared by both generation routes (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
-    n: int = 1
+    n: IntOrNull = 1
     temperature: float | None = None
     top_p: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: FloatOrNull = 0.0
+    frequency_penalty: FloatOrNull = 0.0
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: BoolOrNull = False
     stream_options: StreamOptions | None = None
     best_of: int | None = None
     # vLLM extensions
@@ -87,7 +105,7 @@ class SamplingFields(_Body):
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     max_tokens: int | None = 16
-    echo: bool = False
+    echo: BoolOrNull = False
     logprobs: int | None = None
     suffix: str | None = None
 
@@ -108,7 +126,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: BoolOrNull = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None

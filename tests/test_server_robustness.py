@@ -304,3 +304,16 @@ def test_a_stream_sends_its_last_event_with_the_end_of_the_body():
     gen, sent = asyncio.run(run())
     assert [m.get("body") for m in sent[1:]] == [b"data: {}\n\n", b"data: {}\n\n", b"data: [DONE]\n\n"]
     assert [m.get("more_body") for m in sent[1:]] == [True, True, False] and gen.closed
+
+
+@pytest.mark.parametrize("route, body, nulls", [
+    ("/v1/completions", {"prompt": "x"}, ["n", "stream", "echo", "presence_penalty", "frequency_penalty"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]},
+     ["n", "stream", "logprobs", "presence_penalty", "frequency_penalty"]),
+])
+def test_null_for_a_field_openai_declares_nullable_is_its_default(server, route, body, nulls):
+    # what the openai client sends for an argument passed as None, e.g. completions.create(..., n=None)
+    reply = httpx.post(f"{server.url}{route}", json={**body, "max_tokens": 1, **dict.fromkeys(nulls)})
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()  # not a stream, one choice, no logprobs
+    assert len(answer["choices"]) == 1 and answer["choices"][0]["logprobs"] is None
