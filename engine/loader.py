@@ -7,6 +7,7 @@ any weight is read, and each failure is one ModelLoadError line that says what t
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,17 @@ class LoadedModel:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows, most of which cannot run this
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda was asked for but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {name} was asked for but there are only {torch.cuda.device_count()} "
+                             f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -58,7 +67,23 @@ def resolve_backend(name: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" else "torch"
     if name not in BACKENDS:
         raise ModelLoadError(f"kernel backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
+    if name == "triton" and device.type != "cuda" and not _triton_interprets():
+        # Otherwise the first forward fails (Triton finds no GPU driver): every request of a server.
+        raise ModelLoadError(f"--kernels triton needs a CUDA device (on {device.type}: --kernels torch, or set "
+                             "TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter)")
     return name
+
+
+def _triton_interprets() -> bool:
+    """Does Triton run kernels in its interpreter (TRITON_INTERPRET=1)? Asked of Triton, which reads it."""
+    try:
+        import triton
+    except ImportError:  # no Triton at all (the CPU image)
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # Triton before 3.4 reads the variable where it is used, the same way
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+    return bool(knobs.runtime.interpret)
 
 
 def read_config_and_tokenizer(model_dir: Path):

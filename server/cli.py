@@ -206,7 +206,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from engine.default_model import SHIPPED_MODEL_NAME
     from engine.engine import EngineConfig
     from engine.engine_process import ModelSpec
-    from engine.loader import resolve_device
+    from engine.loader import resolve_backend, resolve_device
     from server.serve import ServerConfig, serve
 
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
@@ -225,7 +225,9 @@ def run_serve(args: argparse.Namespace) -> None:
                           max_queued_requests=args.max_queued_requests, drain_timeout_s=args.drain_timeout,
                           log_level=args.log_level, log_requests=not args.no_request_log)
     model = ModelSpec(Path(model_dir).expanduser(), device=args.device, dtype=args.dtype, backend=args.kernels)
-    on_cuda = resolve_device(args.device).type == "cuda"
+    device = resolve_device(args.device)
+    resolve_backend(args.kernels, device)  # before any model is read, here or in an engine process
+    on_cuda = device.type == "cuda"
     serve(model, engine_config, config, engine_process=args.engine_process == "on" or
           (args.engine_process == "auto" and on_cuda))
 

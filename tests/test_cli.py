@@ -67,3 +67,26 @@ def test_serve_exposes_engine_limits_and_rejects_bad_ones(capsys):
         assert option in text
     assert main(["serve", "--gpu-memory-utilization", "1.5", "--device", "cpu"]) == 2
     assert "gpu_memory_utilization" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+@pytest.mark.parametrize("option, named", [(["--device", "bogus"], "--device 'bogus'"),
+                                           (["--device", "mps"], "--device 'mps'"),
+                                           (["--kernels", "triton", "--device", "cpu"], "--kernels triton")])
+def test_device_or_kernels_that_cannot_run_are_one_error_line(command, option, named, monkeypatch, capsys):
+    # Triton on the CPU needs its interpreter; without it the first forward failed (generate: a traceback;
+    # serve: started, then every request failed). An unknown device was torch's traceback.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("server.serve.serve", lambda *a, **k: pytest.fail("the server started"))
+    prompt = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, *prompt, *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltaserve: error: ") and err.count("\n") == 1 and named in err
+
+
+def test_gpu_index_beyond_the_cards_present_is_one_error_line(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert main(["generate", "--prompt", "hi", "--device", "cuda:2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltaserve: error: --device cuda:2") and "only 2 CUDA device(s)" in err
