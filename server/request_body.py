@@ -20,7 +20,7 @@ from typing import TypeVar
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from server.protocol import PARSED_FROM_JSON
 
@@ -30,7 +30,10 @@ COMPONENTS = "#/components/schemas/{model}"
 
 async def read_body(request: Request, model: type[Model]) -> Model:
     """The validated body; RequestValidationError or HTTPException(400) as FastAPI raises them."""
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect as err:  # it left while sending the body: FastAPI's 400 (nobody reads it), not a 500
+        raise HTTPException(status_code=400, detail="There was an error parsing the body") from err
     content_type = request.headers.get("content-type")
     is_json = content_type is not None and _is_json(content_type)
     if is_json:

@@ -2,6 +2,7 @@
 route with a FastAPI body parameter does (status, error object, the value it validated), and documents the
 same request body in OpenAPI."""
 
+import asyncio
 import json
 
 import httpx
@@ -92,3 +93,28 @@ def test_the_generation_routes_document_their_bodies_as_a_body_parameter_would(s
     for name, schema in reference["components"]["schemas"].items():
         if name not in ("HTTPValidationError", "ValidationError"):  # this server answers 400s with its own object
             assert openapi["components"]["schemas"][name] == schema, name
+
+
+def _answer_to_a_client_that_leaves_mid_body(app: FastAPI) -> tuple[int, bytes]:
+    """Call the app as uvicorn does for a client that sends part of its body, then closes the connection."""
+    messages = [{"type": "http.request", "body": b'{"prompt": "a", ', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/", "raw_path": b"/", "root_path": "", "query_string": b"", "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}
+    asyncio.run(app(scope, receive, send))  # an exception escaping here is uvicorn's "Exception in ASGI application"
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_a_client_that_leaves_while_sending_its_body_is_answered_as_fastapi_answers_it(model):
+    fastapi_way, ours = _apps(model)
+    assert _answer_to_a_client_that_leaves_mid_body(ours.app) == _answer_to_a_client_that_leaves_mid_body(
+        fastapi_way.app)
