@@ -4,7 +4,9 @@ every user mistake ends as one `deltaserve: error: ...` line and exit status 2."
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 import time
 
@@ -214,8 +216,8 @@ def run_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError("--max-model-len must be at least 2")
-    if args.drain_timeout < 0:
-        raise ValueError("--drain-timeout must be >= 0")
+    if not args.drain_timeout >= 0:  # NaN too: it would abort every running request at once on SIGTERM
+        raise ValueError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                                  decode_graphs=False if args.no_cuda_graphs else None, state_dtype=args.state_dtype)
@@ -227,9 +229,31 @@ def run_serve(args: argparse.Namespace) -> None:
     model = ModelSpec(Path(model_dir).expanduser(), device=args.device, dtype=args.dtype, backend=args.kernels)
     device = resolve_device(args.device)
     resolve_backend(args.kernels, device)  # before any model is read, here or in an engine process
+    _check_listen_address(args.host, args.port)
     on_cuda = device.type == "cuda"
     serve(model, engine_config, config, engine_process=args.engine_process == "on" or
           (args.engine_process == "auto" and on_cuda))
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """ValueError unless the server could listen on host:port now: said before the model loads (minutes on a
+    GPU), in one line. Unchecked, a port above 65535 was taken modulo 65536 (70000 served on 4464) and a port
+    in use or an unknown host ended the server after start-up, in uvicorn's words. Binds as uvicorn does
+    (SO_REUSEADDR: a port left in TIME_WAIT is free, one with a listener is not)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0-65535 (0: any free port), got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as err:
+            raise ValueError(f"--host {host!r} is not an address to listen on ({err.strerror})") from None
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is already in use (another server?): "
+                                 f"choose another with --port") from None
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
 def run_complete(args: argparse.Namespace) -> None:

@@ -1,5 +1,6 @@
 """The `deltaserve` command as a user runs it."""
 
+import socket
 import subprocess
 import sys
 
@@ -90,3 +91,20 @@ def test_gpu_index_beyond_the_cards_present_is_one_error_line(monkeypatch, capsy
     assert main(["generate", "--prompt", "hi", "--device", "cuda:2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deltaserve: error: --device cuda:2") and "only 2 CUDA device(s)" in err
+
+
+def test_serve_refuses_a_port_it_cannot_listen_on_before_loading_anything(monkeypatch, capsys):
+    # 70000 used to be served on 70000 % 65536 = 4464; a port in use failed only after start-up.
+    monkeypatch.setattr("server.serve.serve", lambda *a, **k: pytest.fail("the server started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in [(["--port", "70000"], "--port must be in 0-65535"),
+                              (["--port", "-1"], "--port must be in 0-65535"),
+                              (["--port", str(port)], f"port {port} on 127.0.0.1 is already in use"),
+                              (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:8000"),  # not this machine's
+                              (["--drain-timeout", "nan"], "--drain-timeout")]:
+            assert main(["serve", *args]) == 2, args
+            err = capsys.readouterr().err
+            assert err.startswith("deltaserve: error: ") and err.count("\n") == 1 and message in err, err
