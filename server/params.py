@@ -41,6 +41,10 @@ def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer, add_generatio
     """Render the messages with the chat template; the template writes any special tokens itself."""
     if not messages:
         raise bad_request("messages is empty", "messages")
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            if part.type == "text" and part.text is None:  # else the template's check says "only text parts"
+                raise bad_request(f"messages[{i}].content[{j}]: a text part needs its text", "messages")
     try:
         text = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in messages],
                                              add_generation_prompt=add_generation_prompt, **(extra or {}))

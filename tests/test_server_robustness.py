@@ -317,3 +317,13 @@ def test_null_for_a_field_openai_declares_nullable_is_its_default(server, route,
     assert reply.status_code == 200, reply.text
     answer = reply.json()  # not a stream, one choice, no logprobs
     assert len(answer["choices"]) == 1 and answer["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/tokenize"])
+def test_a_text_part_without_its_text_is_a_400_that_says_so(server, route):
+    parts = [{"type": "text", "text": "fine"}, {"type": "text"}]
+    reply = httpx.post(f"{server.url}{route}", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 1})
+    assert reply.status_code == 400
+    error = _error_object(reply)
+    # it once said "only text parts are supported, got 'text'"
+    assert error["param"] == "messages" and error["message"] == "messages[0].content[1]: a text part needs its text"
