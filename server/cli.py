@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import socket
 import sys
 import time
@@ -267,7 +268,13 @@ def run_chat(args: argparse.Namespace) -> None:
 
 
 def run_bench_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from clients.loadgen import run_bench_serve as bench_serve
+    if args.json is not None:  # said now, not as a traceback that loses the record after the whole run
+        out = Path(args.json)
+        if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise ValueError(f"--json {args.json}: cannot write a file there (is its folder missing?)")
     bench_serve(args)
 
 

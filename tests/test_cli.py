@@ -108,3 +108,12 @@ def test_serve_refuses_a_port_it_cannot_listen_on_before_loading_anything(monkey
             assert main(["serve", *args]) == 2, args
             err = capsys.readouterr().err
             assert err.startswith("deltaserve: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("where", ["missing/run.json", "."])
+def test_bench_serve_refuses_a_json_path_it_cannot_write_before_running(where, tmp_path, monkeypatch, capsys):
+    # It used to run the whole benchmark, then lose the record in a FileNotFoundError traceback.
+    monkeypatch.setattr("clients.loadgen.run_bench_serve", lambda args: pytest.fail("the benchmark ran"))
+    assert main(["bench-serve", "--json", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltaserve: error: --json ") and err.count("\n") == 1
