@@ -23,7 +23,7 @@ from starlette.requests import Request
 from engine.async_engine import EngineOverloaded, EngineStopped, Inbox
 from engine.request import RequestOutput
 from engine.sampling import SamplingParams, TokenLogprob
-from server.errors import APIError, unavailable
+from server.errors import APIError, bad_request, unavailable
 from server.params import engine_error
 from server.state import ServerState
 
@@ -86,6 +86,10 @@ class Generation:
         queue, shutdown) is still an HTTP error and not a broken stream. Closes itself on failure."""
         try:
             self.state.check_accepting()
+            queue = self.state.engine.max_queued_requests
+            if len(self.prompts) > queue:  # each prompt queues as a request: not even an idle server takes them all
+                raise bad_request(f"{len(self.prompts)} prompts in one request, more than the {queue} requests this "
+                                  f"server queues; send them in smaller batches", "prompt")
             for ids in self.prompts:  # refuse the whole request before any part of it runs
                 try:
                     self.state.engine.validate(ids, self.params)

@@ -327,3 +327,16 @@ def test_a_text_part_without_its_text_is_a_400_that_says_so(server, route):
     error = _error_object(reply)
     # it once said "only text parts are supported, got 'text'"
     assert error["param"] == "messages" and error["message"] == "messages[0].content[1]: a text part needs its text"
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_503_to_retry(tmp_path):
+    srv = ThreadServer(write_tiny_model(tmp_path / "m"), EngineConfig(max_num_seqs=2, max_num_batched_tokens=64),
+                       max_queued_requests=2)
+    try:
+        # the server is idle: a 503 with Retry-After would send clients back with a request that never fits
+        reply = httpx.post(f"{srv.url}/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1})
+        assert reply.status_code == 400 and _error_object(reply)["param"] == "prompt", reply.text
+        reply = httpx.post(f"{srv.url}/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1})
+        assert reply.status_code == 200 and len(reply.json()["choices"]) == 2
+    finally:
+        srv.stop()
