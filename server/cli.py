@@ -22,6 +22,7 @@ STATE_DTYPE_HELP = ("how the Gated DeltaNet recurrent states are stored: float32
                     "recurrent state is most of a slot) and decode steps move half the state bytes, at an accuracy "
                     "cost (one report: GSM8K 0.955 float32 vs 0.945 bfloat16); kernels compute in float32 either "
                     "way and round only the stored state (default: float32)")
+SEED_HELP = "random seed, for repeatable sampling (default: none, a fresh draw each run)"
 MODEL_HELP = ("a Hugging Face-style model folder (config.json, *.safetensors, tokenizer.json); "
               "default: the built-in model, a small Gated DeltaNet trained on the Python standard library "
               "(served as 'deltaserve-stdlib')")
@@ -50,8 +51,9 @@ def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int | None) ->
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 picks the most likely token (default: 0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1] (default: 1)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens; 0 = all (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="sampling temperature; 0 picks the most likely token (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
-    gen.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all (default: 0)")
+    gen.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
 
     sub.add_parser("models", help="list the supported architectures (config.json model_type values)",
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--served-model-name", nargs="+", metavar="NAME", default=None,
                        help="the model name(s) clients use; the first is the one answers carry "
-                            "(default: the model folder's name)")
+                            "(default: the model folder's name; deltaserve-stdlib for the built-in model)")
     serve.add_argument("--max-num-seqs", type=int, default=64,
                        help="most sequences decoding at once, i.e. state slots (default: 64)")
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "and stream the completion to stdout as it arrives; the token count "
                                           "and finish reason go to stderr.")
     _add_client_options(complete, timeout=60)
-    complete.add_argument("--prompt", default=None, help="the prompt text; '-' or no --prompt reads it from stdin")
+    complete.add_argument("--prompt", default=None, help="the prompt text; '-' reads it from stdin (default: stdin)")
     _add_sampling_options(complete, max_tokens=64)
     complete.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
 
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "message, the answer streams to stdout, and the conversation is kept "
                                       "(/reset forgets it). Ctrl-D (end of input) or Ctrl-C ends.")
     _add_client_options(chat, timeout=60)
-    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with (default: none)")
     _add_sampling_options(chat, max_tokens=None)
     chat.add_argument("--verbose", action="store_true", help="after each answer, its token count on stderr")
 
@@ -158,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
                        help="when stderr is not a terminal, write a progress line this often (default: 10)")
     bench.add_argument("--json", default=None, metavar="FILE",
-                       help="write the whole record (config, per-request timings, summary) to FILE as JSON")
+                       help="write the whole record (config, per-request timings, summary) to FILE as JSON "
+                            "(default: no file)")
     return parser
 
 

@@ -10,7 +10,7 @@ from engine.demo import DEMO_CONFIG, write_gated_deltanet
 from engine.generate import generate
 from engine.loader import load_model
 from engine.sampling import SamplingParams
-from server.cli import main
+from server.cli import build_parser, main
 
 
 def _run(*args, stdin=None):
@@ -30,6 +30,16 @@ def test_generate_help_explains_each_option():
     for option in ("--model", "--prompt", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
                    "--device", "--dtype", "--kernels", "--chat", "--ignore-eos"):
         assert option in text
+
+
+def test_every_option_of_every_command_states_its_default():
+    parser = build_parser()
+    commands = {"deltaserve": parser, **parser._subparsers._group_actions[0].choices}
+    missing = [f"{name} {action.option_strings[0]}" for name, command in commands.items()
+               for action in command._actions
+               if action.option_strings and not action.required and action.nargs != 0  # switches: off unless given
+               and "default" not in (action.help or "")]
+    assert not missing
 
 
 def test_models_lists_supported_architectures(capsys):
