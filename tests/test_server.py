@@ -171,3 +171,17 @@ def test_metrics_count_tokens_and_finished_requests(server, client):
     assert values["deltaserve:engine_step_seconds_total"] > 0
     assert "deltaserve:engine_overlapped_decode_steps_total" in values
     assert values["deltaserve:engine_kernel_builds_total"] == 0  # on CPU Triton interprets: builds nothing
+
+
+def test_a_request_beyond_the_context_is_context_length_exceeded_naming_the_prompt(client):
+    # what clients look for to trim a conversation and retry; the message says the limit
+    chat = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}], max_tokens=MAX_MODEL_LEN)
+    for create, kw, param in [(client.chat.completions.create, chat, "messages"),
+                              (client.completions.create, dict(model=MODEL_NAME, prompt=[7] * (MAX_MODEL_LEN - 5),
+                                                               max_tokens=6), "prompt"),
+                              (client.completions.create, dict(model=MODEL_NAME, prompt=[[7], [7] * MAX_MODEL_LEN],
+                                                               max_tokens=None), "prompt")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            create(**kw)
+        assert (err.value.code, err.value.param) == ("context_length_exceeded", param)
+        assert str(MAX_MODEL_LEN) in err.value.message
