@@ -104,8 +104,9 @@ def _sampling(request: SamplingFields, max_tokens: int, logprobs: int | None,
     stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     bias = {}
     for key, value in (request.logit_bias or {}).items():
-        if not re.fullmatch(r"-?[0-9]+", key):  # not isdigit(): "²" is a digit that int() refuses
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        # not isdigit(): "²" is a digit that int() refuses, as it refuses more than 4300 digits
+        if not re.fullmatch(r"-?[0-9]{1,100}", key):
+            raise bad_request(f"logit_bias keys must be token ids, got {key[:100]!r}", "logit_bias")
         bias[int(key)] = value
     try:
         return SamplingParams(

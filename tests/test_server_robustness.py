@@ -129,6 +129,13 @@ def test_logit_bias_keys_that_are_digits_but_not_numbers_are_a_400(server, route
         assert reply.status_code == 400 and _error_object(reply)["param"] == "logit_bias", (key, reply.text)
 
 
+def test_a_logit_bias_key_with_more_digits_than_int_reads_is_a_400(server):
+    # int() refuses more than 4300 digits: that was a ValueError, a 500
+    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1,
+                                                             "logit_bias": {"1" * 5000: 1}})
+    assert reply.status_code == 400 and _error_object(reply)["param"] == "logit_bias", reply.text
+
+
 def test_chat_template_kwargs_naming_the_requests_own_fields_is_a_400(server):
     for key in ("add_generation_prompt", "messages"):
         reply = httpx.post(f"{server.url}/v1/chat/completions", json={
