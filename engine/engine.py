@@ -107,7 +107,13 @@ class LLMEngine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = config
-        self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
+        trained = loaded.config.max_position_embeddings
+        if config.max_model_len is not None and trained is not None and config.max_model_len > trained:
+            # Positions past the trained limit make no sense to the model's attention layers, and each slot
+            # would hold keys and values for all of them.
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {trained} "
+                             f"tokens (max_position_embeddings in its config.json)")
+        self.max_model_len = config.max_model_len or trained
         num_slots = plan_num_slots(loaded, config, self.max_model_len)
         self.pool = self.model.new_pool(num_slots, self.max_model_len, resolve_state_dtype(config.state_dtype))
         self.scheduler = Scheduler(self.pool, min(config.max_num_seqs, num_slots), config.max_num_batched_tokens)

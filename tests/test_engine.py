@@ -224,6 +224,14 @@ def test_request_that_can_never_run_is_rejected_up_front(loaded):
     assert not engine.has_work()
 
 
+def test_max_model_len_beyond_the_models_context_is_refused_at_start(loaded):
+    # It was taken as given: a slot's attention buffer sized for positions the model was never trained on.
+    assert loaded.config.max_position_embeddings == 2048
+    assert LLMEngine(loaded, EngineConfig(max_num_seqs=1, max_model_len=2048)).max_model_len == 2048
+    with pytest.raises(ValueError, match="max_model_len 2049 exceeds the model's context of 2048 tokens"):
+        LLMEngine(loaded, EngineConfig(max_num_seqs=1, max_model_len=2049))
+
+
 def test_async_consumer_that_leaves_frees_its_slot(loaded):
     async def scenario():
         engine = AsyncEngine(LLMEngine(loaded, EngineConfig(max_num_seqs=2)), max_queued_requests=2)
