@@ -61,10 +61,21 @@ def from_validation(err: RequestValidationError) -> APIError:
             continue
         where = ".".join(loc)
         first_param = first_param or where or None
-        problems.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
+        problems.append(f"{where}: {item.get('msg')}" if where else _whole_body(item))
     # a union (like `prompt`) reports each alternative; the first few say enough
     message = "; ".join(dict.fromkeys(problems[:4])) or "invalid request"
     return bad_request(message, first_param)
+
+
+def _whole_body(item: dict) -> str:
+    """What is wrong with the body as a whole, in words that say what to do (pydantic's say "Field required" and
+    "Input should be a valid dictionary or object to extract fields from"): `curl -d` without a JSON content type
+    sends its JSON as a form, read as bytes."""
+    if item.get("type") == "missing":
+        return "the request has no body: send a JSON object with Content-Type: application/json"
+    if isinstance(item.get("input"), (bytes, bytearray)):
+        return "the body was not read as JSON: send it with Content-Type: application/json"
+    return "the body must be a JSON object"
 
 
 def install(app: FastAPI) -> None:

@@ -347,3 +347,13 @@ def test_more_prompts_than_the_queue_holds_is_a_400_not_a_503_to_retry(tmp_path)
         assert reply.status_code == 200 and len(reply.json()["choices"]) == 2
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_not_sent_as_json_is_a_400_that_names_the_content_type_to_use(server, content_type):
+    # `curl -d '{...}'` without -H 'Content-Type: application/json' sends a form
+    headers = {} if content_type is None else {"content-type": content_type}
+    reply = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "x", "max_tokens": 1}', headers=headers)
+    assert reply.status_code == 400 and "Content-Type: application/json" in _error_object(reply)["message"]
+    reply = httpx.post(f"{server.url}/v1/chat/completions", content=b"", headers=headers)
+    assert reply.status_code == 400 and "no body" in _error_object(reply)["message"]
