@@ -71,8 +71,11 @@ def _whole_body(item: dict) -> str:
     """What is wrong with the body as a whole, in words that say what to do (pydantic's say "Field required" and
     "Input should be a valid dictionary or object to extract fields from"): `curl -d` without a JSON content type
     sends its JSON as a form, read as bytes."""
-    if item.get("type") == "missing":
+    kind = item.get("type")
+    if kind == "missing":
         return "the request has no body: send a JSON object with Content-Type: application/json"
+    if kind not in ("model_type", "model_attributes_type"):  # the body's own checks (a lone surrogate ...)
+        return str(item.get("msg"))
     if isinstance(item.get("input"), (bytes, bytearray)):
         return "the body was not read as JSON: send it with Content-Type: application/json"
     return "the body must be a JSON object"
