@@ -75,19 +75,39 @@ class RequestLimits:
 
 
 def plan_num_slots(loaded: LoadedModel, config: EngineConfig, max_len: int | None) -> int:
-    """As many slots as asked for, or fewer when their state would not fit in GPU memory."""
+    """As many slots as asked for, or fewer when their state would not fit in the memory free after loading
+    (the GPU's; on CPU the RAM the system reports available); ValueError when not even one fits."""
     model = loaded.model
-    if model.device.type != "cuda":
+    free = free_memory(model.device)
+    if free is None:
         return config.max_num_seqs
     probe = SlotPool(loaded.config, 1, torch.device("meta"), model.embed.dtype, max_len,
                      resolve_state_dtype(config.state_dtype))
     per_slot = max(probe.bytes_per_slot(), 1)
-    free, _total = torch.cuda.mem_get_info(model.device)
-    fits = int(free * config.gpu_memory_utilization) // per_slot
+    fits = int(free * config.gpu_memory_utilization) // per_slot - 1  # the pool holds one more row: scratch
+    if fits < 1:
+        raise ValueError(f"the slot pool does not fit: one slot holds {per_slot / 2**30:.2f} GiB of state "
+                         f"(with max_model_len {max_len}) and {free * config.gpu_memory_utilization / 2**30:.2f} "
+                         f"GiB may be used on {model.device.type}; lower --max-model-len")
     if fits < config.max_num_seqs:
         log.warning("slot pool: %d slots asked for, %d fit (%.1f MiB each); starting with %d",
-                    config.max_num_seqs, fits, per_slot / 2**20, max(fits, 1))
-    return max(min(fits, config.max_num_seqs), 1)
+                    config.max_num_seqs, fits, per_slot / 2**20, fits)
+    return min(fits, config.max_num_seqs)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device now: the GPU's free memory, or on CPU the RAM Linux reports available
+    (MemAvailable); None where that is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclass

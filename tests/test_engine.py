@@ -232,6 +232,18 @@ def test_max_model_len_beyond_the_models_context_is_refused_at_start(loaded):
         LLMEngine(loaded, EngineConfig(max_num_seqs=1, max_model_len=2049))
 
 
+def test_slot_pool_on_cpu_is_sized_to_the_memory_available(loaded, monkeypatch):
+    # On CPU every asked-for slot was allocated whatever it held: a real hybrid model's default context
+    # (keys and values for 262144 positions, 64 slots) died in the allocator, or under the OOM killer.
+    per_slot = LLMEngine(loaded, EngineConfig(max_num_seqs=1, max_model_len=2048)).pool.bytes_per_slot()
+    monkeypatch.setattr("engine.engine.free_memory", lambda device: int(6.5 * per_slot / 0.9))
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=8, max_model_len=2048))
+    assert engine.pool.capacity == engine.limits.max_num_seqs == 5  # 6 rows fit; one is the scratch row
+    monkeypatch.setattr("engine.engine.free_memory", lambda device: per_slot)
+    with pytest.raises(ValueError, match="the slot pool does not fit.*lower --max-model-len"):
+        LLMEngine(loaded, EngineConfig(max_num_seqs=8, max_model_len=2048))
+
+
 def test_async_consumer_that_leaves_frees_its_slot(loaded):
     async def scenario():
         engine = AsyncEngine(LLMEngine(loaded, EngineConfig(max_num_seqs=2)), max_queued_requests=2)
