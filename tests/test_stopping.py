@@ -60,3 +60,10 @@ def test_no_stop_strings_passes_text_straight_through():
     checker = StopChecker(())
     assert checker.feed("anything") == ("anything", None)
     assert checker.flush() == ""
+
+
+def test_text_fed_while_matching_is_held_off_passes_and_a_later_stop_string_still_matches():
+    # The engine holds matching off for a request's first min_tokens tokens.
+    checker = StopChecker(("END",))
+    assert checker.feed("one END two E", may_match=False) == ("one END two ", None)  # a possible start is held
+    assert checker.feed("ND three") == ("", "END")
