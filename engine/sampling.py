@@ -18,6 +18,9 @@ import torch
 
 MAX_LOGPROBS = 20  # most top logprobs per position a request may ask for (vLLM's default limit)
 _GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing by it would overflow
+# A temperature above this is drawn at this one: the draw is uniform over the allowed tokens either way, and
+# above float32's range (3.4e38) it became inf, and the -inf of a banned token divided by it NaN.
+_HOTTEST = 1e30
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,7 @@ def _draw(logits: torch.Tensor, samplers: list[SequenceSampler]) -> torch.Tensor
     """logits: [R, vocab] processed logits of rows that sample -> [R] token ids."""
     device, vocab = logits.device, logits.shape[1]
     params = [s.params for s in samplers]
-    logits = logits / torch.tensor([[p.temperature] for p in params], device=device)
+    logits = logits / torch.tensor([[min(p.temperature, _HOTTEST)] for p in params], device=device)
 
     truncated = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
     if truncated:

@@ -229,3 +229,13 @@ def test_token_ids_outside_the_vocabulary_are_rejected(field):
     value = {VOCAB: 1.0} if field == "logit_bias" else (VOCAB,)
     with pytest.raises(ValueError, match=field):
         _sampler(**{field: value})
+
+
+def test_a_temperature_beyond_float32_draws_among_the_allowed_tokens_only():
+    # 1e39 is inf in float32: a banned token's -inf / inf was NaN, and the draw took token 0, banned or not.
+    logits = _logits(1, seed=8).repeat(300, 1)
+    banned = [_sampler(temperature=1e39, min_tokens=1, stop_token_ids=(0,), seed=i) for i in range(150)]
+    top_two = [_sampler(temperature=1e39, top_k=2, seed=i) for i in range(150)]
+    tokens = sample_batch(logits, banned + top_two).token_ids
+    assert not {0, EOS} & set(tokens[:150]) and len(set(tokens[:150])) > 30  # spread over the rest
+    assert set(tokens[150:]) == set(logits[0].topk(2).indices.tolist())
