@@ -248,7 +248,9 @@ def _apply_penalties(logits: torch.Tensor, samplers: list[SequenceSampler]) -> N
 
     rows = _index(penalised, device)
     x = logits[rows]
-    repetition = column("repetition_penalty")
+    # Kept within [1e-30, 1e30] for the same reason as _HOTTEST: in float32, 1e39 is inf (0 * inf is NaN) and
+    # 1e-39 is 0 (x / 0 is inf); at either bound a seen token's logit already goes to 0 or far above the rest.
+    repetition = column("repetition_penalty").clamp(1 / _HOTTEST, _HOTTEST)
     x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
     x -= column("frequency_penalty") * counts + column("presence_penalty") * (counts > 0)
     logits[rows] = x

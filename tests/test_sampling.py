@@ -239,3 +239,14 @@ def test_a_temperature_beyond_float32_draws_among_the_allowed_tokens_only():
     tokens = sample_batch(logits, banned + top_two).token_ids
     assert not {0, EOS} & set(tokens[:150]) and len(set(tokens[:150])) > 30  # spread over the rest
     assert set(tokens[150:]) == set(logits[0].topk(2).indices.tolist())
+
+
+def test_a_repetition_penalty_beyond_float32_keeps_every_logit_a_number():
+    # 1e39 is inf in float32 and 0 * inf is NaN, which the argmax took; 1e-39 is 0 and 5 / 0 is inf, whose
+    # softmax is NaN. Each is its limit instead: seen tokens pushed to 0, or the largest seen one forced.
+    logits = torch.full((1, 6), -1.0)
+    logits[0, 1], logits[0, 2], logits[0, 4] = 0.0, 5.0, 1.0  # 1 and 2 are in the prompt; 4 is not
+    harsh = _sampler(prompt=[1, 2], vocab=6, repetition_penalty=1e39)
+    assert sample_batch(logits, [harsh]).token_ids == [4]
+    eager = [_sampler(prompt=[1, 2], vocab=6, repetition_penalty=1e-39, temperature=1.0, seed=i) for i in range(20)]
+    assert sample_batch(logits.repeat(20, 1), eager).token_ids == [2] * 20
