@@ -98,7 +98,9 @@ class Tokenizer:
             raise ModelLoadError(f"chat template in {template_source} does not parse: {_one_line(err)}") from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, unlike encode, lets go of the GIL while it works: a long prompt tokenized in one of
+        # the server's threads stalls neither its event loop nor the engine's step thread.
+        ids = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         # tokenizer.json's post-processor usually adds BOS itself; add_bos_token covers folders where it does not.
         if add_special_tokens and self._add_bos_token and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)

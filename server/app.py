@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from importlib import metadata
 
@@ -69,7 +70,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(raw: Request) -> Response:
         body = await read_body(raw, CompletionRequest)
         state.check_model(body.model)
-        prompts = completion_prompts(body, state.tokenizer)
+        # Tokenizing (and rendering a chat template) happens in a worker thread: on the event loop a long
+        # prompt would stall every stream and /health until it was done (the tokenizer lets go of the GIL).
+        prompts = await asyncio.to_thread(completion_prompts, body, state.tokenizer)
         params = completion_params(body, max(len(p) for p in prompts), state.max_model_len)
         gen = Generation(state, f"cmpl-{uuid.uuid4().hex}", "completions", prompts, params)
         writer = CompletionWriter(gen, body)
@@ -80,7 +83,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(raw: Request) -> Response:
         body = await read_body(raw, ChatCompletionRequest)
         state.check_model(body.model)
-        prompt = chat_request_prompt(body, state.tokenizer)
+        prompt = await asyncio.to_thread(chat_request_prompt, body, state.tokenizer)
         params = chat_params(body, len(prompt), state.max_model_len)
         gen = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", "chat", [prompt], params)
         writer = ChatWriter(gen, body)
@@ -107,9 +110,9 @@ def build_app(state: ServerState) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", "prompt")
         if body.prompt is not None:
-            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(state.tokenizer.encode, body.prompt, body.add_special_tokens)
         else:
-            ids = chat_prompt(body.messages, state.tokenizer, body.add_generation_prompt)
+            ids = await asyncio.to_thread(chat_prompt, body.messages, state.tokenizer, body.add_generation_prompt)
         return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_RESPONSES)

@@ -357,3 +357,34 @@ def test_a_body_not_sent_as_json_is_a_400_that_names_the_content_type_to_use(ser
     assert reply.status_code == 400 and "Content-Type: application/json" in _error_object(reply)["message"]
     reply = httpx.post(f"{server.url}/v1/chat/completions", content=b"", headers=headers)
     assert reply.status_code == 400 and "no body" in _error_object(reply)["message"]
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "hello", "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}),
+    ("/tokenize", {"prompt": "hello"}),
+])
+def test_a_prompt_still_tokenizing_does_not_hold_up_other_requests(server, route, body, monkeypatch):
+    # A long prompt takes seconds to tokenize: stand-in, an encode that waits until released. On the event
+    # loop it would hold /health (and every stream) until then.
+    from engine.tokenizer import Tokenizer
+    entered, release = threading.Event(), threading.Event()
+    encode = Tokenizer.encode
+
+    def slow_encode(self, *args, **kwargs):
+        entered.set()
+        release.wait(timeout=20)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", slow_encode)
+    replies = []
+    client = threading.Thread(target=lambda: replies.append(httpx.post(f"{server.url}{route}", json=body, timeout=30)))
+    client.start()
+    try:
+        assert entered.wait(timeout=10), "the request never reached the tokenizer"
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+        assert not release.is_set() and client.is_alive()  # answered while the prompt was still tokenizing
+    finally:
+        release.set()
+        client.join(timeout=30)
+    assert replies and replies[0].status_code == 200, replies

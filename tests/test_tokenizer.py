@@ -362,3 +362,25 @@ def test_leading_space_is_kept_by_a_decoder_that_strips_it_at_the_start(tmp_path
     for ids in ([4] + [5] * 20 + [1, 2], [1] + [5] * 20 + [4] + [5] * 20 + [2, 3]):
         for skip in (True, False):
             assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip), ids
+
+
+def test_encode_lets_other_threads_run_while_it_works(tok):
+    # The server tokenizes in worker threads (server/app.py); that only keeps its event loop and the engine's
+    # step thread going if the tokenizer lets go of the GIL. Control: the backend's own encode, which holds it.
+    import threading
+
+    text = "the quick brown fox jumps over the lazy dog. " * 20000
+
+    def spins_while(encode) -> int:
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (encode(text), done.set()))
+        spins = 0
+        worker.start()
+        while not done.is_set():
+            spins += 1
+        worker.join()
+        return spins
+
+    held = spins_while(lambda t: tok._backend.encode(t))  # only the switch interval before it grabs the GIL
+    assert spins_while(tok.encode) > 10 * held
+    assert tok.encode(text) == tok._backend.encode(text).ids
