@@ -95,19 +95,38 @@ def plan_num_slots(loaded: LoadedModel, config: EngineConfig, max_len: int | Non
     return min(fits, config.max_num_seqs)
 
 
-def free_memory(device: torch.device) -> int | None:
+def free_memory(device: torch.device, meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
     """Bytes free on the device now: the GPU's free memory, or on CPU the RAM Linux reports available
-    (MemAvailable); None where that is not known."""
+    (MemAvailable), capped by what this process's cgroup (v2) may still take (a container's memory limit,
+    which MemAvailable does not see); None where neither is known."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    known = [free for free in (_mem_available(meminfo), _cgroup_headroom(cgroup)) if free is not None]
+    return min(known) if known else None
+
+
+def _mem_available(meminfo: str) -> int | None:
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
+        with open(meminfo) as lines:
+            for line in lines:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024  # in kB
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _cgroup_headroom(cgroup: str) -> int | None:
+    """memory.max - memory.current of the cgroup folder, or None without a limit (or a cgroup v2)."""
+    try:
+        with open(f"{cgroup}/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(f"{cgroup}/memory.current") as f:
+            return max(int(limit) - int(f.read().strip()), 0)
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass

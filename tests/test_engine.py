@@ -244,6 +244,23 @@ def test_slot_pool_on_cpu_is_sized_to_the_memory_available(loaded, monkeypatch):
         LLMEngine(loaded, EngineConfig(max_num_seqs=8, max_model_len=2048))
 
 
+def test_cpu_free_memory_is_capped_by_the_containers_memory_limit(tmp_path):
+    # In a container MemAvailable is the host's; the cgroup's limit is what the OOM killer enforces.
+    from engine.engine import free_memory
+    cpu = torch.device("cpu")
+    (tmp_path / "meminfo").write_text("MemTotal: 64000000 kB\nMemAvailable: 32000000 kB\n")
+    limited = tmp_path / "limited"
+    limited.mkdir()
+    (limited / "memory.max").write_text("4294967296\n")
+    (limited / "memory.current").write_text("1073741824\n")
+    assert free_memory(cpu, str(tmp_path / "meminfo"), str(limited)) == 3 * 2**30
+    unlimited = tmp_path / "unlimited"
+    unlimited.mkdir()
+    (unlimited / "memory.max").write_text("max\n")
+    assert free_memory(cpu, str(tmp_path / "meminfo"), str(unlimited)) == 32000000 * 1024
+    assert free_memory(cpu, str(tmp_path / "none"), str(tmp_path / "none")) is None
+
+
 def test_async_consumer_that_leaves_frees_its_slot(loaded):
     async def scenario():
         engine = AsyncEngine(LLMEngine(loaded, EngineConfig(max_num_seqs=2)), max_queued_requests=2)
