@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-request-log", action="store_true",
                        help="do not write the one JSON line per request to stderr")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
-                       help="share of the GPU memory free after loading (on cpu: of the RAM available, within a container's memory limit) that the "
-                            "slot pool may take; fewer slots than --max-num-seqs start (with a warning) when they "
-                            "do not fit (default: 0.9)")
+                       help="share of the GPU memory free after loading (on cpu: of the RAM available, within a "
+                            "container's memory limit) that the slot pool may take; fewer slots than --max-num-seqs "
+                            "start (with a warning) when they do not fit (default: 0.9)")
     serve.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"],
                        type=lambda name: {"fp32": "float32", "bf16": "bfloat16"}.get(name, name), help=STATE_DTYPE_HELP)
     serve.add_argument("--no-cuda-graphs", action="store_true",
