@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.cuda_graphs import DecodeStep
+from engine.errors import ContextLengthExceeded
 from engine.loader import LoadedModel
 from engine.models.state import Batch
 from engine.request import CompletionOutput, Request, RequestOutput, Sequence
@@ -68,7 +69,7 @@ class RequestLimits:
         if bad:
             raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+            raise ContextLengthExceeded(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context limit of {self.max_model_len} tokens")
         if params.n > self.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds the {self.max_num_seqs} sequences the engine runs")

@@ -3,3 +3,8 @@
 
 class ModelLoadError(Exception):
     """A model folder cannot be served: missing files, unknown architecture, bad weights."""
+
+
+class ContextLengthExceeded(ValueError):
+    """A request whose prompt and max_tokens together do not fit the context (OpenAI's
+    context_length_exceeded, which clients look for to trim a conversation and retry)."""

@@ -65,6 +65,7 @@ class Generation:
         self.state = state
         self.id = request_id
         self.route = route
+        self.prompt_param = "messages" if route == "chat" else "prompt"  # the field a context error names
         self.prompts = prompts
         self.params = params
         self.arrival = time.monotonic()
@@ -94,7 +95,7 @@ class Generation:
                 try:
                     self.state.engine.validate(ids, self.params)
                 except ValueError as err:
-                    raise engine_error(err) from None
+                    raise engine_error(err, self.prompt_param) from None
             self.state.active.add(self)
             self._watcher = asyncio.create_task(self._watch(request))
             for i, ids in enumerate(self.prompts):
@@ -217,7 +218,7 @@ class Generation:
         if isinstance(err, APIError):
             return err
         if isinstance(err, ValueError):
-            return engine_error(err)
+            return engine_error(err, self.prompt_param)
         if isinstance(err, EngineOverloaded):
             self.state.metrics.reject("queue_full")
             return unavailable(f"the server is busy ({err}); retry later")

@@ -9,6 +9,7 @@ import inspect
 import re
 from dataclasses import fields
 
+from engine.errors import ContextLengthExceeded
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from server.errors import APIError, bad_request
@@ -70,7 +71,7 @@ def completion_params(request: CompletionRequest, prompt_len: int, max_model_len
     if request.echo and request.max_tokens == 0:
         raise bad_request("max_tokens=0 with echo is not supported yet; use max_tokens=1", "max_tokens")
     logprobs = request.logprobs
-    return _sampling(request, _max_tokens(request.max_tokens, prompt_len, max_model_len, "prompt"), logprobs,
+    return _sampling(request, _max_tokens(request.max_tokens, prompt_len, max_model_len), logprobs,
                      prompt_logprobs=logprobs if request.echo and logprobs is not None else None)
 
 
@@ -82,19 +83,15 @@ def chat_params(request: ChatCompletionRequest, prompt_len: int, max_model_len: 
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    return _sampling(request, _max_tokens(asked, prompt_len, max_model_len, "messages"), logprobs)
+    return _sampling(request, _max_tokens(asked, prompt_len, max_model_len), logprobs)
 
 
-def _max_tokens(asked: int | None, prompt_len: int, max_model_len: int | None, prompt_param: str) -> int:
-    """What to generate at most; a request that does not fit the context is OpenAI's context_length_exceeded,
-    which clients look for (to trim the conversation and retry), naming the prompt as OpenAI does."""
+def _max_tokens(asked: int | None, prompt_len: int, max_model_len: int | None) -> int:
+    if asked is not None:
+        return asked
     if max_model_len is None:
-        return UNBOUNDED_DEFAULT_MAX_TOKENS if asked is None else asked
-    max_tokens = max(max_model_len - prompt_len, 1) if asked is None else asked
-    if prompt_len + max_tokens > max_model_len:
-        raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context limit of "
-                            f"{max_model_len} tokens", prompt_param, code="context_length_exceeded")
-    return max_tokens
+        return UNBOUNDED_DEFAULT_MAX_TOKENS
+    return max(max_model_len - prompt_len, 1)  # if nothing is left, the engine's length check says so
 
 
 def _sampling(request: SamplingFields, max_tokens: int, logprobs: int | None,
@@ -124,8 +121,11 @@ def _sampling(request: SamplingFields, max_tokens: int, logprobs: int | None,
         raise engine_error(err) from None
 
 
-def engine_error(err: ValueError) -> APIError:
-    """The engine's ValueErrors start with the field they are about, when there is one."""
+def engine_error(err: ValueError, prompt_param: str = "prompt") -> APIError:
+    """The engine's ValueErrors start with the field they are about, when there is one; a request beyond the
+    context is OpenAI's context_length_exceeded, naming the prompt's field (prompt_param) as OpenAI does."""
+    if isinstance(err, ContextLengthExceeded):
+        return APIError(400, str(err), prompt_param, code="context_length_exceeded")
     message = str(err)
     first = message.split(" ", 1)[0]
     return bad_request(message, first if first in _PARAM_FIELDS else None)
