@@ -89,10 +89,18 @@ def build_app(state: ServerState) -> FastAPI:
         writer = ChatWriter(gen, body)
         return await _answer(gen, raw, body.stream, writer.chunks, writer.response)
 
+    def model_card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=state.created, root=str(state.model_path), max_model_len=state.max_model_len)
+
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, created=state.created, root=str(state.model_path),
-                                         max_model_len=state.max_model_len) for name in state.served_names])
+        return ModelList(data=[model_card(name) for name in state.served_names])
+
+    # `path`: served names may hold slashes ("org/name"), which the default converter stops at (a bare 404)
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: _ERR})
+    async def retrieve_model(model_id: str) -> ModelCard:
+        state.check_model(model_id)
+        return model_card(model_id)
 
     @app.get("/health", responses={200: {"content": {"application/json": {}}}, 503: _ERR})
     async def health() -> JSONResponse:
