@@ -29,11 +29,11 @@ from server.state import ServerState
 from server.streaming import event_stream
 
 _ERR = {"model": ErrorResponse}
-TOKENIZER_RESPONSES = {400: _ERR, 404: _ERR, 500: _ERR}
+TOKENIZER_RESPONSES = {400: _ERR, 404: _ERR, 413: _ERR, 500: _ERR}
 CLIENT_CLOSED = 499  # nginx's status for "the client went away": the response is never seen
 # in no route's signature, so added to the schema here: the stream chunks, and the bodies routes read themselves
 _STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)
-_READ_BODIES = (CompletionRequest, ChatCompletionRequest)
+_READ_BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
 def _sse(chunk: type[BaseModel]) -> dict:
@@ -48,7 +48,7 @@ def _sse(chunk: type[BaseModel]) -> dict:
 
 
 def _generate_responses(chunk: type[BaseModel]) -> dict:
-    return {200: _sse(chunk), 400: _ERR, 404: _ERR, 499: _ERR, 500: _ERR, 503: _ERR}
+    return {200: _sse(chunk), 400: _ERR, 404: _ERR, 413: _ERR, 499: _ERR, 500: _ERR, 503: _ERR}
 
 
 def version() -> str:
@@ -68,7 +68,7 @@ def build_app(state: ServerState) -> FastAPI:
     @_direct_post(app, "/v1/completions", response_model=CompletionResponse,
                   responses=_generate_responses(CompletionChunk), openapi_extra=openapi_body(CompletionRequest))
     async def completions(raw: Request) -> Response:
-        body = await read_body(raw, CompletionRequest)
+        body = await read_body(raw, CompletionRequest, state.max_request_bytes)
         state.check_model(body.model)
         # Tokenizing (and rendering a chat template) happens in a worker thread: on the event loop a long
         # prompt would stall every stream and /health until it was done (the tokenizer lets go of the GIL).
@@ -81,7 +81,7 @@ def build_app(state: ServerState) -> FastAPI:
     @_direct_post(app, "/v1/chat/completions", response_model=ChatCompletionResponse,
                   responses=_generate_responses(ChatCompletionChunk), openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(raw: Request) -> Response:
-        body = await read_body(raw, ChatCompletionRequest)
+        body = await read_body(raw, ChatCompletionRequest, state.max_request_bytes)
         state.check_model(body.model)
         prompt = await asyncio.to_thread(chat_request_prompt, body, state.tokenizer)
         params = chat_params(body, len(prompt), state.max_model_len)
@@ -112,8 +112,11 @@ def build_app(state: ServerState) -> FastAPI:
         body = state.metrics.render(state.engine.stats())
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=TOKENIZER_RESPONSES)
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    # read with read_body (not a body parameter) for its size limit, as every route that takes a body
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=TOKENIZER_RESPONSES,
+              openapi_extra=openapi_body(TokenizeRequest))
+    async def tokenize(raw: Request) -> TokenizeResponse:
+        body = await read_body(raw, TokenizeRequest, state.max_request_bytes)
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", "prompt")
@@ -123,8 +126,10 @@ def build_app(state: ServerState) -> FastAPI:
             ids = await asyncio.to_thread(chat_prompt, body.messages, state.tokenizer, body.add_generation_prompt)
         return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_RESPONSES)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_RESPONSES,
+              openapi_extra=openapi_body(DetokenizeRequest))
+    async def detokenize(raw: Request) -> DetokenizeResponse:
+        body = await read_body(raw, DetokenizeRequest, state.max_request_bytes)
         state.check_model(body.model)
         outside = [t for t in body.tokens if not 0 <= t < state.vocab_size]
         if outside:

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "none for pure Gated DeltaNet models)")
     serve.add_argument("--max-queued-requests", type=int, default=1024,
                        help="requests that may wait for a slot; beyond it, 503 with Retry-After (default: 1024)")
+    serve.add_argument("--max-request-bytes", type=int, default=64 * 2**20, metavar="BYTES",
+                       help="largest request body taken; a larger one is refused with 413 before the rest of it is "
+                            "read (default: 67108864, i.e. 64 MiB)")
     serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM, how long running requests may take to finish before they are aborted "
                             "(default: 30)")
@@ -216,7 +219,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from engine.loader import resolve_backend, resolve_device
     from server.serve import ServerConfig, serve
 
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests", "max_request_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -230,7 +233,8 @@ def run_serve(args: argparse.Namespace) -> None:
     names = tuple(args.served_model_name or ([SHIPPED_MODEL_NAME] if args.model is None else []))
     config = ServerConfig(host=args.host, port=args.port, served_model_names=names,
                           max_queued_requests=args.max_queued_requests, drain_timeout_s=args.drain_timeout,
-                          log_level=args.log_level, log_requests=not args.no_request_log)
+                          log_level=args.log_level, log_requests=not args.no_request_log,
+                          max_request_bytes=args.max_request_bytes)
     model = ModelSpec(Path(model_dir).expanduser(), device=args.device, dtype=args.dtype, backend=args.kernels)
     device = resolve_device(args.device)
     resolve_backend(args.kernels, device)  # before any model is read, here or in an engine process

@@ -7,7 +7,8 @@ pydantic's own JSON parser validates the bytes in one pass in ~16 us, and refuse
 so the check has nothing to find there. A body it accepts is taken as it comes; any other body goes
 FastAPI's way (read_slowly), so that what is wrong with it is told in the same words, with the same status,
 as before; that includes JSON only Python's parser accepts (a lone surrogate, a UTF-8 BOM, deep nesting).
-Routes that parse their body here declare it in OpenAPI with openapi_body().
+Routes that parse their body here declare it in OpenAPI with openapi_body(). A body over the server's
+limit (--max-request-bytes) is refused with a 413 before more of it is read.
 """
 
 from __future__ import annotations
@@ -22,16 +23,21 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
+from server.errors import APIError
 from server.protocol import PARSED_FROM_JSON
 
 Model = TypeVar("Model", bound=BaseModel)
 COMPONENTS = "#/components/schemas/{model}"
+# The default limit on a request body (--max-request-bytes): what one request may make the server hold before
+# anything about it is checked; a prompt far beyond any model's context fits in it.
+MAX_REQUEST_BYTES = 64 * 2**20
 
 
-async def read_body(request: Request, model: type[Model]) -> Model:
-    """The validated body; RequestValidationError or HTTPException(400) as FastAPI raises them."""
+async def read_body(request: Request, model: type[Model], max_bytes: int = MAX_REQUEST_BYTES) -> Model:
+    """The validated body; APIError(413) when it is over max_bytes, else RequestValidationError or
+    HTTPException(400) as FastAPI raises them."""
     try:
-        body = await request.body()
+        body = await _read_at_most(request, max_bytes)
     except ClientDisconnect as err:  # it left while sending the body: FastAPI's 400 (nobody reads it), not a 500
         raise HTTPException(status_code=400, detail="There was an error parsing the body") from err
     content_type = request.headers.get("content-type")
@@ -42,6 +48,35 @@ async def read_body(request: Request, model: type[Model]) -> Model:
         except ValidationError:
             pass  # read_slowly says what is wrong, or takes what only Python's JSON parser accepts
     return read_slowly(body, is_json, model)
+
+
+async def _read_at_most(request: Request, max_bytes: int) -> bytes:
+    """The whole body, or APIError(413) as soon as it is known to be over max_bytes: from its Content-Length
+    before any of it is read, else by counting what arrives (a chunked body has no length to check, and the
+    count holds whatever the header said)."""
+    declared = _content_length(request)
+    if declared is not None and declared > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _content_length(request: Request) -> int | None:
+    """None when there is none, or none int() reads (uvicorn refuses malformed ones; the count still holds)."""
+    header = request.headers.get("content-length")
+    try:
+        return None if header is None else int(header)
+    except ValueError:
+        return None
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"the request body is over this server's limit of {max_bytes} bytes (--max-request-bytes)")
 
 
 def read_slowly(body: bytes, is_json: bool, model: type[Model]) -> Model:

@@ -27,6 +27,7 @@ from engine.loader import LoadedModel, read_config_and_tokenizer
 from engine.tokenizer import Tokenizer
 from server.app import build_app
 from server.metrics import Metrics
+from server.request_body import MAX_REQUEST_BYTES
 from server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     log_level: str = "warning"
     log_requests: bool = True
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
 
 def build_state(loaded: LoadedModel, engine_config: EngineConfig, config: ServerConfig) -> ServerState:
@@ -57,7 +59,7 @@ def state_for(engine: EngineClient, model_path: Path, model_config: ModelConfig,
     names = list(config.served_model_names) or [model_path.name]
     return ServerState(engine=engine, tokenizer=tokenizer, served_names=names, model_path=model_path,
                        vocab_size=model_config.vocab_size, max_model_len=engine.max_model_len,
-                       metrics=Metrics(names[0]))
+                       metrics=Metrics(names[0]), max_request_bytes=config.max_request_bytes)
 
 
 class DrainingServer(uvicorn.Server):

@@ -12,6 +12,7 @@ from engine.tokenizer import Tokenizer
 from server.errors import APIError, unavailable
 from server.logprobs import TokenTexts
 from server.metrics import Metrics
+from server.request_body import MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:
     from server.generation import Generation
@@ -27,6 +28,7 @@ class ServerState:
     max_model_len: int | None
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
+    max_request_bytes: int = MAX_REQUEST_BYTES  # a longer body is refused with 413 (request_body.read_body)
     draining: bool = False  # set on SIGTERM: /health says 503, new work is refused, running work finishes
     active: set[Generation] = field(default_factory=set)
     texts: TokenTexts = field(init=False)

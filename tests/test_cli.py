@@ -127,3 +127,14 @@ def test_bench_serve_refuses_a_json_path_it_cannot_write_before_running(where, t
     assert main(["bench-serve", "--json", str(tmp_path / where)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deltaserve: error: --json ") and err.count("\n") == 1
+
+
+def test_serve_takes_max_request_bytes_and_refuses_one_below_1_before_loading(tmp_path, monkeypatch, capsys):
+    started = []
+    monkeypatch.setattr("server.serve.serve", lambda model, engine_config, config, **kw: started.append(config))
+    assert main(["serve", "--model", str(tmp_path), "--device", "cpu", "--port", "0",
+                 "--max-request-bytes", "1234"]) == 0
+    assert started[0].max_request_bytes == 1234
+    assert main(["serve", "--model", str(tmp_path), "--device", "cpu", "--max-request-bytes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "deltaserve: error: --max-request-bytes must be at least 1\n" and len(started) == 1

@@ -1,9 +1,17 @@
 """Gaps an audit found between this server and the OpenAI API, or in its limits and metrics: each test
 states the behaviour a client now gets."""
 
-import httpx
+import asyncio
+import json
 
-from server_harness import MODEL_NAME
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from server import errors
+from server.protocol import TokenizeRequest
+from server.request_body import read_body
+from server_harness import MODEL_NAME, TINY_SERVER_LIMITS, ThreadServer, write_tiny_model
 
 
 def _error(reply: httpx.Response) -> dict:
@@ -30,3 +38,90 @@ def test_retrieving_a_model_not_served_is_a_404_model_not_found(server):
         assert reply.status_code == 404, name
         error = _error(reply)
         assert error["code"] == "model_not_found" and repr(name) in error["message"]
+
+
+LIMIT = 1000  # bytes of request body the `limited` server takes
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    srv = ThreadServer(write_tiny_model(tmp_path_factory.mktemp("tiny")), TINY_SERVER_LIMITS, max_request_bytes=LIMIT)
+    yield srv
+    srv.stop()
+
+
+def _over_the_limit(reply: httpx.Response) -> None:
+    assert reply.status_code == 413, reply.text
+    error = _error(reply)
+    assert error["type"] == "invalid_request_error"
+    assert str(LIMIT) in error["message"] and "--max-request-bytes" in error["message"]
+
+
+def _body_of(size: int, route: str) -> bytes:
+    """A valid JSON body for route of exactly `size` bytes (its prompt padded with spaces)."""
+    field = {"/detokenize": b'"tokens": [1]'}.get(route, b'"prompt": "x"')
+    head = b'{"max_tokens": 1, ' + field
+    return head + b" " * (size - len(head) - 1) + b"}"
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
+def test_a_body_over_max_request_bytes_is_a_413_that_names_the_limit_and_the_flag(limited, route):
+    reply = httpx.post(f"{limited.url}{route}", content=_body_of(LIMIT + 1, route),
+                       headers={"content-type": "application/json"})
+    assert reply.request.headers["content-length"] == str(LIMIT + 1)
+    _over_the_limit(reply)
+
+
+def test_a_body_of_exactly_max_request_bytes_is_taken(limited):
+    reply = httpx.post(f"{limited.url}/tokenize", content=_body_of(LIMIT, "/tokenize"),
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 200 and reply.json()["tokens"], reply.text
+
+
+def test_a_chunked_body_without_content_length_is_counted_as_it_arrives(limited):
+    pieces = [_body_of(LIMIT + 500, "/v1/completions")[i:i + 100] for i in range(0, LIMIT + 500, 100)]
+    reply = httpx.post(f"{limited.url}/v1/completions", content=iter(pieces),
+                       headers={"content-type": "application/json"})
+    assert "content-length" not in reply.request.headers
+    assert reply.request.headers["transfer-encoding"] == "chunked"
+    _over_the_limit(reply)
+
+
+def _answer(headers: list[tuple[bytes, bytes]], messages: list[dict]) -> tuple[int, dict]:
+    """Call a route that reads its body with read_body (limit: LIMIT) as an ASGI server would, handing it
+    `messages` as the body; its status and JSON answer."""
+    app = FastAPI()
+    errors.install(app)
+
+    @app.post("/")
+    async def prompt_size(raw: Request):
+        return {"size": len((await read_body(raw, TokenizeRequest, LIMIT)).prompt)}
+
+    sent = []
+
+    async def receive():
+        assert messages, "the body was read beyond what was sent"
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/", "raw_path": b"/", "root_path": "", "query_string": b"", "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), *headers]}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read():
+    status, answer = _answer([(b"content-length", str(LIMIT + 1).encode())], [])  # receive() must not be called
+    assert status == 413 and "--max-request-bytes" in answer["error"]["message"]
+
+
+def test_a_content_length_under_the_limit_does_not_let_a_longer_body_through():
+    # uvicorn reads no more than the header says, but the count does not rely on it
+    body = _body_of(LIMIT + 1, "/tokenize")
+    status, answer = _answer([(b"content-length", b"10")], [
+        {"type": "http.request", "body": body[:600], "more_body": True},
+        {"type": "http.request", "body": body[600:], "more_body": False}])
+    assert status == 413 and "--max-request-bytes" in answer["error"]["message"]
