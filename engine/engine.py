@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.cuda_graphs import DecodeStep
-from engine.errors import ContextLengthExceeded
+from engine.errors import ContextLengthExceeded, InvalidPrompt, TooManyChoices
 from engine.loader import LoadedModel
 from engine.models.state import Batch
 from engine.request import CompletionOutput, Request, RequestOutput, Sequence
@@ -64,15 +64,15 @@ class RequestLimits:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError with a user-facing message for a request that can never run."""
         if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token")
+            raise InvalidPrompt("the prompt is empty: give at least one token")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise InvalidPrompt(f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ContextLengthExceeded(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context limit of {self.max_model_len} tokens")
         if params.n > self.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds the {self.max_num_seqs} sequences the engine runs")
+            raise TooManyChoices(f"n={params.n} exceeds the {self.max_num_seqs} sequences the engine runs")
 
 
 def plan_num_slots(loaded: LoadedModel, config: EngineConfig, max_len: int | None) -> int:

@@ -8,3 +8,12 @@ class ModelLoadError(Exception):
 class ContextLengthExceeded(ValueError):
     """A request whose prompt and max_tokens together do not fit the context (OpenAI's
     context_length_exceeded, which clients look for to trim a conversation and retry)."""
+
+
+class InvalidPrompt(ValueError):
+    """A prompt the engine can never run (empty, or holding token ids outside the vocabulary): the server
+    names the route's prompt field (prompt, or messages for chat) as the param at fault."""
+
+
+class TooManyChoices(ValueError):
+    """A request for more choices (n) than the sequences the engine decodes at once."""

@@ -65,7 +65,7 @@ class Generation:
         self.state = state
         self.id = request_id
         self.route = route
-        self.prompt_param = "messages" if route == "chat" else "prompt"  # the field a context error names
+        self.prompt_param = "messages" if route == "chat" else "prompt"  # the field prompt errors name
         self.prompts = prompts
         self.params = params
         self.arrival = time.monotonic()

@@ -9,7 +9,7 @@ import inspect
 import re
 from dataclasses import fields
 
-from engine.errors import ContextLengthExceeded
+from engine.errors import ContextLengthExceeded, InvalidPrompt, TooManyChoices
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from server.errors import APIError, bad_request
@@ -122,10 +122,15 @@ def _sampling(request: SamplingFields, max_tokens: int, logprobs: int | None,
 
 
 def engine_error(err: ValueError, prompt_param: str = "prompt") -> APIError:
-    """The engine's ValueErrors start with the field they are about, when there is one; a request beyond the
-    context is OpenAI's context_length_exceeded, naming the prompt's field (prompt_param) as OpenAI does."""
-    if isinstance(err, ContextLengthExceeded):
-        return APIError(400, str(err), prompt_param, code="context_length_exceeded")
+    """The engine's ValueErrors (their messages are the engine's own) with the param at fault: the prompt's
+    field (prompt_param) for a prompt it cannot run, and for a request beyond the context, which is OpenAI's
+    context_length_exceeded; n for too many choices; else the SamplingParams field the message starts with."""
     message = str(err)
+    if isinstance(err, ContextLengthExceeded):
+        return APIError(400, message, prompt_param, code="context_length_exceeded")
+    if isinstance(err, InvalidPrompt):
+        return bad_request(message, prompt_param)
+    if isinstance(err, TooManyChoices):
+        return bad_request(message, "n")
     first = message.split(" ", 1)[0]
     return bad_request(message, first if first in _PARAM_FIELDS else None)

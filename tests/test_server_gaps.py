@@ -125,3 +125,34 @@ def test_a_content_length_under_the_limit_does_not_let_a_longer_body_through():
         {"type": "http.request", "body": body[:600], "more_body": True},
         {"type": "http.request", "body": body[600:], "more_body": False}])
     assert status == 413 and "--max-request-bytes" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("prompt, says", [("", "the prompt is empty"), ([[]], "the prompt is empty"),
+                                          ([5, 999], "outside the vocabulary"),
+                                          ([[5], [260]], "outside the vocabulary")])
+def test_a_prompt_the_engine_cannot_run_names_prompt_as_the_param(server, prompt, says):
+    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+    assert reply.status_code == 400, reply.text
+    error = _error(reply)
+    assert error["param"] == "prompt" and says in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_chat_prompt_the_engine_cannot_run_names_messages_as_the_param(server, monkeypatch):
+    from engine.tokenizer import Tokenizer
+    # a chat template that renders to no tokens
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, add_special_tokens=True: [])
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                                  "max_tokens": 1})
+    assert reply.status_code == 400, reply.text
+    error = _error(reply)
+    assert error["param"] == "messages" and "the prompt is empty" in error["message"]
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "x"}),
+                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})])
+def test_more_choices_than_the_engine_runs_names_n_as_the_param(server, route, body):
+    n = TINY_SERVER_LIMITS.max_num_seqs + 1
+    reply = httpx.post(f"{server.url}{route}", json={**body, "max_tokens": 1, "n": n})
+    assert reply.status_code == 400, reply.text
+    error = _error(reply)
+    assert error["param"] == "n" and f"n={n}" in error["message"]
