@@ -62,6 +62,12 @@ def state_for(engine: EngineClient, model_path: Path, model_config: ModelConfig,
                        metrics=Metrics(names[0]), max_request_bytes=config.max_request_bytes)
 
 
+def _http_url(host: str, port: int) -> str:
+    """The server's address as a URL: an IPv6 host goes in brackets (http://[::1]:8000), else its colons would
+    read as the port's."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, with a drain before its own graceful shutdown."""
 
@@ -78,7 +84,7 @@ class DrainingServer(uvicorn.Server):
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             engine = self.state.engine
             where = f", engine process {engine.pid}" if isinstance(engine, ProcessEngine) else ""
-            print(f"deltaserve: serving {self.state.model_name!r} on http://{host}:{port} "
+            print(f"deltaserve: serving {self.state.model_name!r} on {_http_url(host, port)} "
                   f"({engine.stats().slots_total} slots{where})", file=sys.stderr, flush=True)
 
     def handle_exit(self, sig, frame) -> None:

@@ -3,6 +3,7 @@ states the behaviour a client now gets."""
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -156,3 +157,22 @@ def test_more_choices_than_the_engine_runs_names_n_as_the_param(server, route, b
     assert reply.status_code == 400, reply.text
     error = _error(reply)
     assert error["param"] == "n" and f"n={n}" in error["message"]
+
+
+@pytest.mark.parametrize("address, url", [(("::1", 8123, 0, 0), "http://[::1]:8123"),
+                                          (("127.0.0.1", 8123), "http://127.0.0.1:8123")])
+def test_the_startup_line_gives_a_url_a_browser_takes_for_ipv6_hosts_too(address, url, monkeypatch, capsys):
+    import uvicorn
+
+    from engine.async_engine import EngineStats
+    from server.serve import DrainingServer
+
+    async def listened(self, sockets=None):  # stands in for uvicorn binding the socket (IPv6 may be off here)
+        self.started = True
+        self.servers = [SimpleNamespace(sockets=[SimpleNamespace(getsockname=lambda: address)])]
+
+    monkeypatch.setattr(uvicorn.Server, "startup", listened)
+    state = SimpleNamespace(model_name="m", engine=SimpleNamespace(stats=lambda: EngineStats(0, 0, 0, 4)))
+    server = DrainingServer(uvicorn.Config(FastAPI(), host=address[0], port=8123), state, drain_timeout_s=1)
+    asyncio.run(server.startup())
+    assert f"serving 'm' on {url} (4 slots)" in capsys.readouterr().err
