@@ -135,7 +135,8 @@ class Generation:
         self.state.active.discard(self)
         if self._open and self._submitted:  # it ran, and ended early (client left, or failed): the rest is aborted
             self.status = 499 if self.status == 200 else self.status
-            for index in range(len(self.prompts) * self.params.n):
+            # only the choices of prompts that reached the engine: a full queue may have refused the rest
+            for index in range(self._submitted * self.params.n):
                 if index not in self.finish_reasons:
                     self.finish_reasons[index] = "abort"
                     self.state.metrics.choice_finished("abort")

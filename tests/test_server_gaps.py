@@ -8,8 +8,14 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from prometheus_client.parser import text_string_to_metric_families
 
+from engine.async_engine import EngineOverloaded, EngineStats
+from engine.sampling import SamplingParams
 from server import errors
+from server.errors import APIError
+from server.generation import Generation
+from server.metrics import Metrics
 from server.protocol import TokenizeRequest
 from server.request_body import read_body
 from server_harness import MODEL_NAME, TINY_SERVER_LIMITS, ThreadServer, write_tiny_model
@@ -164,7 +170,6 @@ def test_more_choices_than_the_engine_runs_names_n_as_the_param(server, route, b
 def test_the_startup_line_gives_a_url_a_browser_takes_for_ipv6_hosts_too(address, url, monkeypatch, capsys):
     import uvicorn
 
-    from engine.async_engine import EngineStats
     from server.serve import DrainingServer
 
     async def listened(self, sockets=None):  # stands in for uvicorn binding the socket (IPv6 may be off here)
@@ -176,3 +181,50 @@ def test_the_startup_line_gives_a_url_a_browser_takes_for_ipv6_hosts_too(address
     server = DrainingServer(uvicorn.Config(FastAPI(), host=address[0], port=8123), state, drain_timeout_s=1)
     asyncio.run(server.startup())
     assert f"serving 'm' on {url} (4 slots)" in capsys.readouterr().err
+
+
+class _QueueFullAfter:
+    """An engine client whose queue takes `room` more requests, then is full; it records what it opened
+    and closed."""
+
+    max_queued_requests = 16
+
+    def __init__(self, room: int):
+        self.room = room
+        self.opened: list[str] = []
+        self.closed: list[str] = []
+
+    def validate(self, prompt_ids, params):
+        pass
+
+    def open(self, request_id, prompt_ids, params, inbox, tag=None):
+        if len(self.opened) == self.room:
+            raise EngineOverloaded(f"{self.room} requests are already waiting")
+        self.opened.append(request_id)
+
+    def close(self, request_id, finished):
+        self.closed.append(request_id)
+
+
+def test_a_queue_that_fills_partway_through_a_request_counts_only_its_submitted_choices_as_aborted():
+    engine = _QueueFullAfter(room=1)
+    metrics = Metrics("m")
+    state = SimpleNamespace(engine=engine, metrics=metrics, active=set(), check_accepting=lambda: None)
+    gen = Generation(state, "cmpl-x", "completions", [[1], [2], [3]], SamplingParams(n=2, max_tokens=1))
+
+    class _StaysConnected:
+        async def receive(self):
+            await asyncio.Event().wait()
+
+    async def start():
+        with pytest.raises(APIError) as refused:
+            await gen.start(_StaysConnected())
+        return refused.value
+
+    assert asyncio.run(start()).status == 503
+    assert engine.closed == engine.opened == ["cmpl-x-0"]  # the one prompt that got in is aborted
+    scraped = {(s.name, s.labels.get("finished_reason") or s.labels.get("reason")): s.value
+               for family in text_string_to_metric_families(metrics.render(EngineStats(0, 0, 0, 1)).decode())
+               for s in family.samples}
+    assert scraped[("deltaserve:request_success_total", "abort")] == 2  # its n=2 choices, not all 3 prompts' 6
+    assert scraped[("deltaserve:request_rejected_total", "queue_full")] == 1
