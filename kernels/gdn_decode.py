@@ -35,7 +35,7 @@ from torch import Tensor
 from kernels import pdl
 from kernels.conv import _MAX_WIDTH, _conv_step, _silu, check_conv_pool
 from kernels.pdl import gdc_launch_dependents, gdc_wait
-from kernels.recurrent import _gates, _num_sms, _update_tile
+from kernels.recurrent import _gates, _num_sms, _update_loaded_tile, _update_tile
 
 # Largest [K, BV] tile a program holds whole (fp32 in 4 warps' registers): K = V = 128.
 MAX_TILE = 128 * 128
@@ -81,17 +81,21 @@ def _conv_decode_norm_kernel(
     USE_QK_L2NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:  # see kernels/pdl.py: everything below reads the kernel before's outputs
+    if PDL:  # see kernels/pdl.py
         gdc_launch_dependents()
-        gdc_wait()
     D: tl.constexpr = 2 * H * K + HV * V
     G: tl.constexpr = HV // H
     NV: tl.constexpr = (V + BV - 1) // BV
+    # A head's whole state in one tile: loaded before gdc_wait (below).
+    PRELOAD: tl.constexpr = G == 1 and NV == 1
     pid = tl.program_id(0).to(tl.int64)
     i_n = pid // H
     i_h = pid % H
     dtype = y.dtype.element_ty
 
+    # Before gdc_wait only what no kernel of the step writes (kernels/pdl.py): slot ids and positions
+    # (copied in before the step) and this slot's state (written by this layer's kernel in earlier
+    # steps only), so the state's stream overlaps the kernel before, not our critical path.
     slot_id = tl.load(slot_ids + i_n).to(tl.int64)
     o_k = tl.arange(0, BK)
     mask_k = o_k < K
@@ -102,6 +106,13 @@ def _conv_decode_norm_kernel(
     x_row = x + i_n * stride_x_n
     ring = conv_pool + slot * (D * W)
     pos = tl.maximum(tl.load(positions + i_n).to(tl.int64), 0)
+    if PRELOAD:
+        o_v0 = tl.arange(0, BV)
+        mask_s0 = live_k[:, None] & (o_v0 < V)[None, :]
+        p_s0 = state_pool + slot * (HV * K * V) + i_h * (K * V) + o_k[:, None] * V + o_v0[None, :]
+        b_s0 = tl.load(p_s0, mask=mask_s0, other=0)
+    if PDL:  # everything below reads the kernel before's outputs
+        gdc_wait()
 
     b_q = _conv_silu(x_row, conv_weight, ring, pos, i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
     b_k = _conv_silu(x_row, conv_weight, ring, pos, H * K + i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
@@ -125,7 +136,10 @@ def _conv_decode_norm_kernel(
             live_v = mask_v & ((o_v * 0 + slot_id) >= 0)
             b_v = _conv_silu(x_row, conv_weight, ring, pos, 2 * H * K + i_hv * V + o_v, mask_v, live_v, W, TAPS, dtype)
             p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
-            b_o = _update_tile(p_s, live_k[:, None] & mask_v[None, :], b_q, b_k, b_v, decay, beta)
+            if PRELOAD:
+                b_o = _update_loaded_tile(b_s0, p_s, live_k[:, None] & mask_v[None, :], b_q, b_k, b_v, decay, beta)
+            else:
+                b_o = _update_tile(p_s, live_k[:, None] & mask_v[None, :], b_q, b_k, b_v, decay, beta)
             b_o = tl.where(live_v, b_o, 0.0).to(dtype)
             tl.store(p_y + o_v, b_o, mask=mask_v)
             b_o = b_o.to(tl.float32)

@@ -43,19 +43,20 @@ def _gated_rms_norm_kernel(
     BN: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    if PDL:  # see kernels/pdl.py: the next kernel may launch now; nothing is read before the last is done
+    o_n = tl.arange(0, BN)
+    mask_n = o_n < N
+    if PDL:  # see kernels/pdl.py: the next kernel may launch now; only the weight is read before the last is done
         gdc_launch_dependents()
+    b_w = tl.load(weight + o_n, mask=mask_n, other=0).to(tl.float32)
+    if PDL:
         gdc_wait()
     o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     o_t, o_h = o_m // H, o_m % H
-    o_n = tl.arange(0, BN)
-    mask_n = o_n < N
     mask = (o_m < M)[:, None] & mask_n[None, :]
     p_x = x + (o_t * stride_x_t + o_h * stride_x_h)[:, None] + o_n[None, :]
     p_z = z + (o_t * stride_z_t + o_h * stride_z_h)[:, None] + o_n[None, :]
     b_x = tl.load(p_x, mask=mask, other=0).to(tl.float32)
     b_z = tl.load(p_z, mask=mask, other=0).to(tl.float32)
-    b_w = tl.load(weight + o_n, mask=mask_n, other=0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, 1) / N + eps)  # [BM]
     b_y = b_x * rstd[:, None] * b_w[None, :] * (b_z / (1.0 + tl.exp(-b_z)))
     tl.store(y + o_m[:, None] * N + o_n[None, :], b_y.to(y.dtype.element_ty), mask=mask)
@@ -110,12 +111,14 @@ def _rms_norm_kernel(
     SPLIT: tl.constexpr,  # > 1: residual holds split-K partial products, summed and rounded here
     PDL: tl.constexpr,
 ):
-    if PDL:  # see kernels/pdl.py
-        gdc_launch_dependents()
-        gdc_wait()
-    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     mask_n = o_n < N
+    if PDL:  # see kernels/pdl.py; the weight is no kernel's output, so it is read before the wait
+        gdc_launch_dependents()
+    b_w = tl.load(weight + o_n, mask=mask_n, other=0).to(tl.float32)
+    if PDL:
+        gdc_wait()
+    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     mask = (o_m < M)[:, None] & mask_n[None, :]
     b_x = tl.load(x + o_m[:, None] * stride_x_m + o_n[None, :], mask=mask, other=0)
     if HAS_RESIDUAL:
@@ -129,7 +132,6 @@ def _rms_norm_kernel(
         b_x = (b_x.to(tl.float32) + b_r.to(tl.float32)).to(s.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(s + o_m[:, None] * N + o_n[None, :], b_x, mask=mask)
     b_x = b_x.to(tl.float32)
-    b_w = tl.load(weight + o_n, mask=mask_n, other=0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, 1) / N + eps)  # [BM]
     b_y = b_x * rstd[:, None] * b_w[None, :]
     tl.store(y + o_m[:, None] * N + o_n[None, :], b_y.to(y.dtype.element_ty), mask=mask)

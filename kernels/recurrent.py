@@ -56,7 +56,13 @@ def _gates(b_a, b_b, b_A_log, b_dt_bias):
 def _update_tile(p_s, mask_s, b_q, b_k, b_v, decay, beta):
     """Advance one [BK, BV] tile of a state in place (p_s: its pointers, mask_s: what is loaded and
     stored) by the token's q, k [BK] and v [BV] in fp32; returns the tile's output o [BV] in fp32."""
-    b_s = tl.load(p_s, mask=mask_s, other=0).to(tl.float32)  # [BK, BV]
+    return _update_loaded_tile(tl.load(p_s, mask=mask_s, other=0), p_s, mask_s, b_q, b_k, b_v, decay, beta)
+
+
+@triton.jit
+def _update_loaded_tile(b_s, p_s, mask_s, b_q, b_k, b_v, decay, beta):
+    """_update_tile of a tile already loaded from p_s (b_s, the pool's dtype, zero off mask_s)."""
+    b_s = b_s.to(tl.float32)  # [BK, BV]
     # Both K-reductions read the state as loaded; the decay and the rank-one update are folded
     # in afterwards: (d S + k delta^T)^T q = d S^T q + (k . q) delta.
     s_k = tl.sum(b_s * b_k[:, None], 0)  # [BV]

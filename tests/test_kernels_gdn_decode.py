@@ -130,6 +130,22 @@ def test_steps_match_reference_with_gva_odd_sizes_shuffled_slots_and_padding(dty
     assert rel_err(taps, r["ref"]["conv_pool"]) <= taps_tol
 
 
+@pytest.mark.parametrize("state_dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_a_whole_head_state_loaded_before_the_wait_steps_as_the_reference(state_dtype, tol):
+    # One value head per key head and the row in one V block (V = 24 in a 32-wide tile): the kernel
+    # loads the slot's state tile before gdc_wait (PRELOAD), the path a decode step of the bench model takes.
+    r = run_steps(H=3, HV=3, K=12, V=24, slot_ids=[4, -1, 1, 0], num_slots=6, steps=3, dtype=torch.float32,
+                  state_dtype=state_dtype, BV=32)
+    live, slots = r["live"], r["slot_ids"][r["live"]]
+    for y, y_ref in zip(r["ys"], r["ys_ref"]):
+        assert rel_err(y[live], y_ref) < tol
+        assert torch.equal(y[1], torch.zeros_like(y[1]))
+    assert rel_err(r["layer"]["state_pool"][slots], r["ref"]["state_pool"]) < (1e-5 if tol < 1e-4 else 1e-2)
+    untouched = [2, 3, 5]
+    assert all(torch.equal(r["layer"][name][untouched], r["before"][name][untouched])
+               for name in ("conv_pool", "state_pool"))
+
+
 def test_slots_outside_the_batch_and_padding_are_untouched_bit_for_bit():
     r = run_steps(H=1, HV=3, K=8, V=16, W=3, slot_ids=[3, -1, 0], num_slots=5, steps=2, dtype=torch.float32,
                   state_dtype=torch.float32)
