@@ -31,7 +31,7 @@ from engine.models import gdn_backend  # noqa: E402
 from engine.loader import load_model  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.slots import SlotPool, resolve_state_dtype  # noqa: E402
-from kernels import decode_linear, pdl  # noqa: E402
+from kernels import decode_gemv, decode_linear, pdl  # noqa: E402
 
 SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
              num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--pdl", default="default", choices=["default", "on", "off", "both"],
                         help="programmatic dependent launch of the decode-step kernels (kernels/pdl.ENABLED); "
                              "both: our batches once each way")
+    parser.add_argument("--gemv-max-m", default=str(decode_gemv.GEMV_MAX_M),
+                        help="rows up to which decode projections take kernels/decode_gemv (0: never); a comma "
+                             "list runs our batches once with each")
     parser.add_argument("--decode-linear-table", metavar="JSON",
                         help="launch shapes for kernels/decode_linear, as bench/decode_linear.py --sweep writes them")
     args = parser.parse_args()
@@ -215,12 +218,14 @@ def main() -> None:
     folds = {"on": [True], "off": [False], "both": [True, False]}[args.fold_conv]
     linears = {"auto": ["auto"], "off": ["off"], "both": ["auto", "off"]}[args.decode_linear]
     pdls = {"default": [pdl.ENABLED], "on": [True], "off": [False], "both": [False, True]}[args.pdl]
-    variants = [(f, m, p) for f in folds for m in linears for p in pdls]
-    for fold, mode, use_pdl in variants:
+    gemvs = [int(m) for m in args.gemv_max_m.split(",")]
+    variants = [(f, m, p, g) for f in folds for m in linears for p in pdls for g in gemvs]
+    for fold, mode, use_pdl, gemv_rows in variants:
         # set before each engine captures its decode graphs (a graph keeps the path taken at capture)
         gdn_backend.FOLD_CONV, decode_linear.MODE, pdl.ENABLED = fold, mode, use_pdl
+        decode_gemv.GEMV_MAX_M = gemv_rows
         if len(variants) > 1:
-            report(what="variant", fold_conv=fold, decode_linear=mode, pdl=use_pdl)
+            report(what="variant", fold_conv=fold, decode_linear=mode, pdl=use_pdl, gemv_max_m=gemv_rows)
         for state_dtype in args.state_dtypes.split(","):
             for b in [int(b) for b in args.batches.split(",") if b]:
                 run_ours(loaded, b, args.prompt, args.new, copy_bw, state_dtype)

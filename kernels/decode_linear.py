@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import pdl
+from kernels import decode_gemv, pdl
 from kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2
 
 
@@ -367,6 +367,11 @@ def measured(M: int, N: int, K: int, silu: bool) -> tuple[bool, LinearConfig | N
     return False, None
 
 
+def _measured_here(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether "auto" may take our kernels: a half-precision GEMM on the card kind TABLE was measured on."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _arch(device) == TABLE_ARCH
+
+
 def pick(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.dtype) -> LinearConfig | None:
     """The launch shape for this GEMM, or None where cuBLAS should run it (MODE, TABLE, TABLE_ARCH)."""
     if MODE == "off" or not 0 < M <= MAX_M:
@@ -374,23 +379,36 @@ def pick(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.
     found, cfg = measured(M, N, K, silu)
     if MODE == "on":
         return cfg or default_config(M, N, K, silu)
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or _arch(device) != TABLE_ARCH:
+    if not _measured_here(device, dtype):
         return None
     return cfg if found else None  # unmeasured shapes stay on cuBLAS
 
 
+def takes_gemv(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this GEMM goes to kernels/decode_gemv (a few rows, weights loaded before the wait) rather
+    than to pick's choice: where decode_gemv.fits, unless MODE is "off" (or "auto" off the measured card)."""
+    if MODE == "off" or not decode_gemv.fits(M, N, K, dtype.itemsize):
+        return False
+    return MODE == "on" or _measured_here(device, dtype)
+
+
 def launch_key(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.dtype) -> tuple | None:
     """What a call compiles by (engine/warmup.py builds every distinct one): the config and BM, or None."""
+    if takes_gemv(M, N, K, device, dtype):
+        return ("gemv", *decode_gemv.gemv_shape(N, K, silu))
     cfg = pick(M, N, K, silu, device, dtype)
     return None if cfg is None else (cfg, block_m(M), min(cfg.split, triton.cdiv(K, cfg.bk)) > 1)
 
 
 def project(x: Tensor, w: Tensor, silu: bool = False, out: Tensor | None = None,
             partial: bool = False) -> Tensor | SplitK:
-    """A decode step's projection: ours where pick says so, else cuBLAS (then kernels/swiglu for silu).
-    partial: a SplitK may come back where ours splits K (see linear)."""
+    """A decode step's projection: kernels/decode_gemv at a few rows (takes_gemv), else ours where pick
+    says so, else cuBLAS (then kernels/swiglu for silu). partial: a SplitK may come back where ours splits
+    K (see linear)."""
     M, K = x.shape
     N = w.shape[0]
+    if takes_gemv(M, N, K, x.device, x.dtype):
+        return decode_gemv.gemv(x, w, silu=silu, out=out)
     cfg = pick(M, N, K, silu, x.device, x.dtype)
     if cfg is not None:
         return linear(x, w, cfg, silu=silu, out=out, partial=partial)

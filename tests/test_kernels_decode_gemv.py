@@ -1,0 +1,87 @@
+"""kernels/decode_gemv.py under the Triton interpreter against torch (x @ W^T in fp32, then cast): one to
+MAX_ROWS rows, odd N and K (masked tails), the silu * up epilogue, bf16 and fp32, strided rows; and which
+decode projections kernels/decode_linear.project sends to it."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import decode_gemv as dg
+from kernels import decode_linear as dl
+
+# ||y - ref|| / ||ref||: fp32 sums in another order; bf16 rounds the output once (2^-9 relative)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
+
+
+def _reference(x, w, silu):
+    y = x.float() @ w.float().t()
+    if silu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y.to(x.dtype)
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,silu", [
+    (1, 37, 100, False),  # K and N tails
+    (1, 70, 100, True),  # 35 outputs: gate rows 0..34, up rows 35..69
+    (3, 130, 1000, False),  # 3 of 4 rows walked
+    (4, 10, 3000, True),  # BK 4096: one row a program
+    (2, 515, 20, False),  # many rows a program, the last program mostly past N
+])
+def test_matches_torch(dtype, M, N, K, silu):
+    gen = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    w = (0.1 * torch.randn(N, K, generator=gen)).to(dtype)
+    y = dg.gemv(x, w, silu=silu)
+    assert y.shape == (M, N // 2 if silu else N) and y.dtype == dtype
+    assert _rel_err(y, _reference(x, w, silu)) < TOL[dtype]
+
+
+def test_reads_strided_rows_and_writes_into_a_strided_output():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 96, generator=gen)[:, :64]  # row stride 96
+    w = torch.randn(50, 64, generator=gen)
+    out = torch.full((2, 80), 7.0)
+    y = dg.gemv(x, w, out=out[:, 10:60])
+    assert y.data_ptr() == out[:, 10:60].data_ptr()
+    assert _rel_err(out[:, 10:60], _reference(x, w, False)) < 1e-5
+    assert torch.equal(out[:, :10], torch.full((2, 10), 7.0)) and torch.equal(out[:, 60:], torch.full((2, 20), 7.0))
+
+
+def test_a_tile_holds_at_most_TILE_weights():
+    for N, K, silu in [(8224, 1024, False), (7168, 1024, True), (1024, 3584, False), (1024, 2048, False)]:
+        BN, BK = dg.gemv_shape(N, K, silu)
+        assert BK >= K and BN * BK * (2 if silu else 1) <= dg.TILE and BN >= 1
+
+
+def test_project_takes_it_for_few_rows_and_small_weights_only(monkeypatch):
+    monkeypatch.setattr(dl, "MODE", "on")
+    monkeypatch.setattr(dg, "GEMV_MAX_M", 2)
+    calls = []
+    run = dg.gemv
+    monkeypatch.setattr(dg, "gemv", lambda x, w, **k: calls.append(x.shape[0]) or run(x, w, **k))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=gen)
+    for M in (1, 2, 3):
+        x = torch.randn(M, 32, generator=gen)
+        assert _rel_err(dl.project(x, w, partial=True), _reference(x, w, False)) < 1e-5
+    assert calls == [1, 2]  # three rows: decode_linear's kernel
+    # weights over PREFETCH_MAX_BYTES (an LM head) are streamed by decode_linear even at one row
+    assert not dl.takes_gemv(1, 151936, 1024, torch.device("cpu"), torch.bfloat16)
+    assert dl.takes_gemv(1, 8224, 1024, torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(dl, "MODE", "off")
+    assert not dl.takes_gemv(1, 8224, 1024, torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(dl, "MODE", "auto")  # auto: on the measured card kind only
+    assert not dl.takes_gemv(1, 8224, 1024, torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(dl, "MODE", "on")
+    monkeypatch.setattr(dg, "GEMV_MAX_M", 0)
+    assert not dl.takes_gemv(1, 8224, 1024, torch.device("cpu"), torch.bfloat16)
