@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--gemv-max-m", default=str(decode_gemv.GEMV_MAX_M),
                         help="rows up to which decode projections take kernels/decode_gemv (0: never); a comma "
                              "list runs our batches once with each")
+    parser.add_argument("--fold-norm", default="on", choices=["on", "off", "both"],
+                        help="a decode step's add_rms_norm left to the kernels/decode_gemv projection after it "
+                             "(decode_gemv.FOLD_NORM); both: our batches once each way")
     parser.add_argument("--decode-linear-table", metavar="JSON",
                         help="launch shapes for kernels/decode_linear, as bench/decode_linear.py --sweep writes them")
     args = parser.parse_args()
@@ -219,13 +222,15 @@ def main() -> None:
     linears = {"auto": ["auto"], "off": ["off"], "both": ["auto", "off"]}[args.decode_linear]
     pdls = {"default": [pdl.ENABLED], "on": [True], "off": [False], "both": [False, True]}[args.pdl]
     gemvs = [int(m) for m in args.gemv_max_m.split(",")]
-    variants = [(f, m, p, g) for f in folds for m in linears for p in pdls for g in gemvs]
-    for fold, mode, use_pdl, gemv_rows in variants:
+    norm_folds = {"on": [True], "off": [False], "both": [True, False]}[args.fold_norm]
+    variants = [(f, m, p, g, n) for f in folds for m in linears for p in pdls for g in gemvs for n in norm_folds]
+    for fold, mode, use_pdl, gemv_rows, fold_norm in variants:
         # set before each engine captures its decode graphs (a graph keeps the path taken at capture)
         gdn_backend.FOLD_CONV, decode_linear.MODE, pdl.ENABLED = fold, mode, use_pdl
-        decode_gemv.GEMV_MAX_M = gemv_rows
+        decode_gemv.GEMV_MAX_M, decode_gemv.FOLD_NORM = gemv_rows, fold_norm
         if len(variants) > 1:
-            report(what="variant", fold_conv=fold, decode_linear=mode, pdl=use_pdl, gemv_max_m=gemv_rows)
+            report(what="variant", fold_conv=fold, decode_linear=mode, pdl=use_pdl, gemv_max_m=gemv_rows,
+                   fold_norm=fold_norm)
         for state_dtype in args.state_dtypes.split(","):
             for b in [int(b) for b in args.batches.split(",") if b]:
                 run_ours(loaded, b, args.prompt, args.new, copy_bw, state_dtype)

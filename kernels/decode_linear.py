@@ -395,7 +395,7 @@ def takes_gemv(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype)
 def launch_key(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.dtype) -> tuple | None:
     """What a call compiles by (engine/warmup.py builds every distinct one): the config and BM, or None."""
     if takes_gemv(M, N, K, device, dtype):
-        return ("gemv", *decode_gemv.gemv_shape(N, K, silu))
+        return ("gemv", *decode_gemv.gemv_shape(N, K, silu), triton.next_power_of_2(M))
     cfg = pick(M, N, K, silu, device, dtype)
     return None if cfg is None else (cfg, block_m(M), min(cfg.split, triton.cdiv(K, cfg.bk)) > 1)
 
@@ -409,6 +409,7 @@ def project(x: Tensor, w: Tensor, silu: bool = False, out: Tensor | None = None,
     N = w.shape[0]
     if takes_gemv(M, N, K, x.device, x.dtype):
         return decode_gemv.gemv(x, w, silu=silu, out=out)
+    assert not isinstance(x, decode_gemv.PendingNorm), "a deferred norm is for decode_gemv's projections"
     cfg = pick(M, N, K, silu, x.device, x.dtype)
     if cfg is not None:
         return linear(x, w, cfg, silu=silu, out=out, partial=partial)

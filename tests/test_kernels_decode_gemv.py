@@ -85,3 +85,71 @@ def test_project_takes_it_for_few_rows_and_small_weights_only(monkeypatch):
     monkeypatch.setattr(dl, "MODE", "on")
     monkeypatch.setattr(dg, "GEMV_MAX_M", 0)
     assert not dl.takes_gemv(1, 8224, 1024, torch.device("cpu"), torch.bfloat16)
+
+
+def test_norm_folded_into_the_projection_gives_the_norm_kernels_operand():
+    # PendingNorm's operand is rms_norm(x + delta) * weight rounded as kernels/norm.py rounds it, and
+    # program 0 stores x + delta: the same bits as the norm kernel, then the same projection.
+    from kernels.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(9)
+    x, delta = (torch.randn(1, 300, generator=gen).to(torch.bfloat16) for _ in range(2))
+    weight = torch.randn(300, generator=gen)
+    w = (0.1 * torch.randn(70, 300, generator=gen)).to(torch.bfloat16)
+    for d in (delta, None):
+        pending = dg.pending_norm(x, d, weight, 1e-6)
+        y = dg.gemv(pending, w, silu=True)
+        normed, s = (rms_norm(x, weight, 1e-6), x) if d is None else rms_norm(x, weight, 1e-6, residual=d)
+        assert torch.equal(pending.s, s)
+        assert (pending.s is x) == (d is None)  # no add: the stream is x itself, nothing stored
+        assert torch.equal(y, dg.gemv(normed, w, silu=True))
+
+
+def _one_row_decode(model, steps=3):
+    """Logits of `steps` one-sequence decode steps (DecodeStep: one row) after a 7-token prefill in slot 1."""
+    from engine.cuda_graphs import DecodeStep
+    from engine.models.state import Batch
+
+    pool = model.new_pool(2, max_len=32)
+    for _ in range(2):
+        pool.allocate()
+    prompt = torch.randint(0, 384, (7,), generator=torch.Generator().manual_seed(2))
+    model(prompt, Batch.build([7], [1], [0], model.device), pool)
+    step = DecodeStep(model, pool, max_batch=1, capture=False)
+    return [step.run([(11 * i) % 384], [1], [7 + i]).float().clone() for i in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory):
+    from hybrid_steps import load_qwen_pair
+    return load_qwen_pair(tmp_path_factory.mktemp("qwen3_5_gemv"), seed=8)
+
+
+def test_one_row_decode_steps_on_gemv_with_folded_norms_match_the_torch_backend(qwen_pair, monkeypatch):
+    """A one-row decode step with every projection but the LM head on decode_gemv, each block's two
+    add_rms_norms folded into the projection after them: only the final norm launches, and the logits
+    equal the torch backend's and the unfolded step's."""
+    from kernels import norm
+
+    torch_model, triton_model = qwen_pair
+    expected = _one_row_decode(torch_model)
+    monkeypatch.setattr(dl, "MODE", "on")
+    monkeypatch.setattr(dg, "GEMV_MAX_M", 1)
+    pending, norms = [], []
+    run, run_norm = dg.gemv, norm.rms_norm
+    monkeypatch.setattr(dg, "gemv", lambda x, w, **k: pending.append(isinstance(x, dg.PendingNorm)) or run(x, w, **k))
+    monkeypatch.setattr(norm, "rms_norm", lambda *a, **k: norms.append(1) or run_norm(*a, **k))
+    folded = _one_row_decode(triton_model)
+    layers = triton_model.config.num_layers
+    # per step: each block's in/qkv, out/o, gate_up and down on gemv, two of them reading a pending norm,
+    # and this tiny model's LM head (a 384-row vocabulary: under PREFETCH_MAX_BYTES)
+    assert len(pending) == 3 * (4 * layers + 1) and sum(pending) == 3 * 2 * layers
+    assert len(norms) == (2 * layers + 1) + 3  # the prefill's, then only each step's final norm
+    for got, want in zip(folded, expected):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    monkeypatch.setattr(dg, "FOLD_NORM", False)
+    pending.clear()
+    unfolded = _one_row_decode(triton_model)
+    assert len(pending) == 3 * (4 * layers + 1) and sum(pending) == 0
+    for got, want in zip(unfolded, folded):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from engine.config import LINEAR_ATTENTION, ModelConfig
-from engine.models.layers import MLP, Attention, GatedDeltaNet, SparseMoE, _param, add_rms_norm
+from engine.models.layers import MLP, Attention, GatedDeltaNet, SparseMoE, _param, add_rms_norm, defers_norm
 from engine.models.state import Batch, SequenceState
 from engine.slots import SlotPool
 
@@ -48,8 +48,12 @@ class Block(nn.Module):
         """The residual stream enters and leaves as x + delta ([T, hidden] each; delta None: x alone):
         each add is left to the norm after it, which does both in one kernel on the triton backend (and
         on decode steps there sums delta's split-K products too, when it comes as a SplitK)."""
-        h, x = add_rms_norm(x, delta, self.mixer_norm, self.eps, self.backend)
-        h, x = add_rms_norm(x, self.mixer(h, batch, pool, index), self.mlp_norm, self.eps, self.backend)
+        decode = batch.decode_only and self.backend == "triton"
+        h, x = add_rms_norm(x, delta, self.mixer_norm, self.eps, self.backend,
+                            defer=defers_norm(x, delta, self.mixer.reader, decode))
+        delta = self.mixer(h, batch, pool, index)
+        h, x = add_rms_norm(x, delta, self.mlp_norm, self.eps, self.backend,
+                            defer=defers_norm(x, delta, self.mlp.reader, decode))
         return x, self.mlp(h, batch.decode_only)
 
 

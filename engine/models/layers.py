@@ -21,6 +21,7 @@ from engine.models.state import Batch
 from engine.slots import SlotPool
 
 if TYPE_CHECKING:  # kernels/ (Triton) is imported only where the triton backend runs
+    from kernels.decode_gemv import PendingNorm
     from kernels.decode_linear import SplitK
 
 
@@ -32,11 +33,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | None, weight: torch.Tensor, eps: float,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 backend: str, defer: bool = False) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
     """(rms_norm(s), s) for s = x + delta (or x when delta is None): a block's residual add and the
     norm after it. On the triton backend both are one kernel (kernels/norm.py) where the add, the casts
     to and from fp32 and the norm were four; there delta may also be a projection's unreduced split-K
-    products (kernels/decode_linear.SplitK, see project), which that kernel sums."""
+    products (kernels/decode_linear.SplitK, see project), which that kernel sums. `defer` (defers_norm
+    said so): no kernel here; the norm comes back pending, for the projection that reads it to compute."""
+    if defer:
+        from kernels.decode_gemv import pending_norm
+        pending = pending_norm(x, delta, weight, eps)
+        return pending, pending.s
     if backend == "triton":
         from kernels import norm
         from kernels.decode_linear import SplitK
@@ -49,6 +55,18 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | None, weight: t
     if delta is not None:
         x = x + delta
     return rms_norm(x, weight, eps), x
+
+
+def defers_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | None, reader: torch.Tensor | None,
+                decode: bool) -> bool:
+    """Whether a block's add_rms_norm is left to `reader`, the one projection that reads its output: on a
+    decode step (triton backend) whose projection of these rows is kernels/decode_gemv's, which builds
+    the normed row itself after its wait (decode_gemv.FOLD_NORM), so the norm's launch is gone."""
+    if not decode or reader is None or (delta is not None and not isinstance(delta, torch.Tensor)):
+        return False
+    from kernels import decode_gemv
+    from kernels.decode_linear import takes_gemv
+    return decode_gemv.FOLD_NORM and takes_gemv(x.shape[0], *reader.shape, x.device, x.dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -66,12 +84,14 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
     return out.to(x.dtype)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, decode: bool, silu: bool = False, residual: bool = False):
+def project(x: torch.Tensor | PendingNorm, weight: torch.Tensor, decode: bool, silu: bool = False,
+            residual: bool = False):
     """x @ weight.T (with `silu`, weight's rows [gate | up] give silu(gate) * up). `decode`: a triton-backend
     decode-only step, whose projections go through kernels/decode_linear.project (our skinny-M kernel where
-    its table says it beats cuBLAS on this GPU, else cuBLAS). `residual`: the result only goes into
-    add_rms_norm as its delta, so on a decode step it may come back as unreduced split-K products
-    (kernels/decode_linear.SplitK), which that norm sums: one launch fewer."""
+    its table says it beats cuBLAS on this GPU, else cuBLAS; x may then be a deferred norm, see
+    defers_norm). `residual`: the result only goes into add_rms_norm as its delta, so on a decode step it
+    may come back as unreduced split-K products (kernels/decode_linear.SplitK), which that norm sums: one
+    launch fewer."""
     if decode:
         from kernels.decode_linear import project as decode_project
         return decode_project(x, weight, silu=silu, partial=residual)
@@ -106,7 +126,12 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = _param(s.head_v_dim, fp32=True)
         self.out_proj = _param(hidden_size, s.value_dim)
 
-    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int):
+    @property
+    def reader(self) -> torch.Tensor:
+        """The projection that alone reads the normed input (see defers_norm)."""
+        return self.in_proj
+
+    def forward(self, x: torch.Tensor | PendingNorm, batch: Batch, pool: SlotPool, layer: int):
         """x [T, hidden] -> the block's delta [T, hidden] (a SplitK on some decode steps: see project)."""
         s = self.spec
         T = x.shape[0]
@@ -158,7 +183,12 @@ class Attention(nn.Module):
             self.q_norm = _param(s.head_dim, fp32=True)
             self.k_norm = _param(s.head_dim, fp32=True)
 
-    def forward(self, x: torch.Tensor, batch: Batch, pool: SlotPool, layer: int):
+    @property
+    def reader(self) -> torch.Tensor | None:
+        """The projection that alone reads the normed input (see defers_norm); None with a bias (F.linear)."""
+        return None if self.spec.qkv_bias else self.qkv_proj
+
+    def forward(self, x: torch.Tensor | PendingNorm, batch: Batch, pool: SlotPool, layer: int):
         """x [T, hidden] -> the block's delta [T, hidden] (a SplitK on some decode steps: see project)."""
         s = self.spec
         T = x.shape[0]
@@ -213,7 +243,13 @@ class MLP(nn.Module):
         self.gate_up = _param(2 * intermediate_size, hidden_size)
         self.down = _param(hidden_size, intermediate_size)
 
-    def forward(self, x: torch.Tensor, decode_only: bool = False):
+    @property
+    def reader(self) -> torch.Tensor | None:
+        """The projection that alone reads the normed input on a decode step (see defers_norm); None on
+        the torch backend, whose decode steps do not go through project."""
+        return self.gate_up if self.backend == "triton" else None
+
+    def forward(self, x: torch.Tensor | PendingNorm, decode_only: bool = False):
         """decode_only: a decode-only step (on the triton backend its projections take kernels/decode_linear,
         the activation inside the gate_up kernel where that kernel runs, and the result may be a SplitK
         for the next add_rms_norm: see project)."""
@@ -238,6 +274,8 @@ class SparseMoE(nn.Module):
         self.experts_down = _param(spec.num_experts, hidden_size, spec.expert_intermediate_size)
         self.shared = MLP(hidden_size, spec.shared_intermediate_size)
         self.shared_gate = _param(1, hidden_size)
+
+    reader = None  # the router, the experts and the shared expert all read the normed input
 
     def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
         """decode_only is accepted as MLP.forward's is; the experts stay on torch matmuls either way."""
