@@ -106,13 +106,19 @@ def _conv_decode_norm_kernel(
     x_row = x + i_n * stride_x_n
     ring = conv_pool + slot * (D * W)
     pos = tl.maximum(tl.load(positions + i_n).to(tl.int64), 0)
-    if PRELOAD:
+    if PRELOAD:  # and the head's constants
         o_v0 = tl.arange(0, BV)
-        mask_s0 = live_k[:, None] & (o_v0 < V)[None, :]
+        mask_v0 = o_v0 < V
+        mask_s0 = live_k[:, None] & mask_v0[None, :]
         p_s0 = state_pool + slot * (HV * K * V) + i_h * (K * V) + o_k[:, None] * V + o_v0[None, :]
         b_s0 = tl.load(p_s0, mask=mask_s0, other=0)
+        b_A_log = tl.load(A_log + i_h).to(tl.float32)
+        b_dt_bias = tl.load(dt_bias + i_h).to(tl.float32)
+        b_nw = tl.load(norm_weight + o_v0, mask=mask_v0, other=0).to(tl.float32)
     if PDL:  # everything below reads the kernel before's outputs
         gdc_wait()
+    if PRELOAD:  # the output gate's load goes out with the conv's, not after the state update
+        b_z0 = tl.load(z + i_n * stride_z_n + i_h * stride_z_h + o_v0, mask=mask_v0, other=0).to(tl.float32)
 
     b_q = _conv_silu(x_row, conv_weight, ring, pos, i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
     b_k = _conv_silu(x_row, conv_weight, ring, pos, H * K + i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
@@ -120,6 +126,19 @@ def _conv_decode_norm_kernel(
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
     b_q = b_q * scale
+
+    if PRELOAD:
+        # The head's whole row is this program's: o stays in registers, normed and gated in one pass,
+        # with the rounding of the two-pass form below (o to x's dtype first).
+        decay, beta = _gates(tl.load(a + i_n * stride_a_n + i_h).to(tl.float32),
+                             tl.load(b + i_n * stride_b_n + i_h).to(tl.float32), b_A_log, b_dt_bias)
+        live_v = mask_v0 & ((o_v0 * 0 + slot_id) >= 0)
+        b_v = _conv_silu(x_row, conv_weight, ring, pos, 2 * H * K + i_h * V + o_v0, mask_v0, live_v, W, TAPS, dtype)
+        b_o = _update_loaded_tile(b_s0, p_s0, mask_s0, b_q, b_k, b_v, decay, beta)
+        b_o = tl.where(live_v, b_o, 0.0).to(dtype).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(b_o * b_o) / V + eps)
+        tl.store(y + (i_n * HV + i_h) * V + o_v0, (b_o * rstd * b_nw * _silu(b_z0)).to(dtype), mask=mask_v0)
+        return
 
     for g in tl.static_range(G):
         i_hv = i_h * G + g
@@ -136,10 +155,7 @@ def _conv_decode_norm_kernel(
             live_v = mask_v & ((o_v * 0 + slot_id) >= 0)
             b_v = _conv_silu(x_row, conv_weight, ring, pos, 2 * H * K + i_hv * V + o_v, mask_v, live_v, W, TAPS, dtype)
             p_s = state_pool + slot * (HV * K * V) + i_hv * (K * V) + o_k[:, None] * V + o_v[None, :]
-            if PRELOAD:
-                b_o = _update_loaded_tile(b_s0, p_s, live_k[:, None] & mask_v[None, :], b_q, b_k, b_v, decay, beta)
-            else:
-                b_o = _update_tile(p_s, live_k[:, None] & mask_v[None, :], b_q, b_k, b_v, decay, beta)
+            b_o = _update_tile(p_s, live_k[:, None] & mask_v[None, :], b_q, b_k, b_v, decay, beta)
             b_o = tl.where(live_v, b_o, 0.0).to(dtype)
             tl.store(p_y + o_v, b_o, mask=mask_v)
             b_o = b_o.to(tl.float32)
