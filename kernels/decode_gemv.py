@@ -7,8 +7,8 @@ gdc_wait in kernels/decode_linear.py (or, with its L2 prefetch, again from L2 af
 no kernel's output, so here a program loads its whole [BN, K] tile into registers first, while the
 kernel before it still runs; after gdc_wait only x (a few KB, from L2) is read, multiplied and summed.
 No tensor cores: at M <= 4 the products are a few FMAs per weight element, and a whole-K tile needs no
-pipelined loop. The tile is capped at TILE elements (4 warps, 64 registers a thread in bf16), so a
-projection is many programs of BN = TILE / K rows; the LM head (over decode_linear.PREFETCH_MAX_BYTES)
+pipelined loop. The tile is capped at TILE elements a row of x (4 warps, 64 registers a thread in bf16), so
+a projection is many programs of BN = TILE / K rows; the LM head (over decode_linear.PREFETCH_MAX_BYTES)
 never comes here.
 
 The add_rms_norm before a block's first projection can come along (PendingNorm; engine/models/layers.py
@@ -35,7 +35,10 @@ from torch import Tensor
 from kernels import pdl
 from kernels.pdl import gdc_launch_dependents, gdc_wait
 
-# Weight elements a program holds (bf16: 32 KB, 64 registers a thread over 4 warps).
+# Weight elements a program holds at one row of x (bf16: 32 KB, 64 registers a thread over 4 warps), and
+# TILE / rows at more: each row walked keeps a widened copy of the tile live (see GEMV_MAX_M). Engine step
+# on an H200 (docs/performance.md, "Session 9"): B = 1 0.664 ms at 16384 against 0.668 at 8192 and 0.734
+# at 32768 over 8 warps; B = 2 0.794 at 8192 against 0.833-0.885 at 16384.
 TILE = 16384
 WARPS = 4
 
@@ -117,10 +120,11 @@ GEMV_MAX_M = 2
 MAX_ROWS = 4
 
 
-def gemv_shape(N: int, K: int, silu: bool) -> tuple[int, int]:
-    """(BN output columns a program computes, BK): the [BN, BK] tile (twice that with silu) within TILE."""
+def gemv_shape(N: int, K: int, silu: bool, M: int = 1) -> tuple[int, int]:
+    """(BN output columns a program computes, BK) for M rows of x: the [BN, BK] tile (twice that with silu)
+    within TILE / M (M rounded up to a power of two)."""
     BK = triton.next_power_of_2(K)
-    rows = max(1, TILE // BK)
+    rows = max(1, TILE // triton.next_power_of_2(M) // BK)
     return (max(1, rows // 2) if silu else rows), BK
 
 
@@ -189,7 +193,7 @@ def gemv(x: Tensor | PendingNorm, w: Tensor, silu: bool = False, out: Tensor | N
     if delta is not None:
         delta = delta if delta.stride(-1) == 1 else delta.contiguous()
         assert norm.s.is_contiguous()
-    BN, BK = gemv_shape(N, K, silu)
+    BN, BK = gemv_shape(N, K, silu, M)
     _gemv_kernel[(triton.cdiv(width, BN),)](
         x, w, out, x if delta is None else delta, x if norm is None else norm.weight, x if delta is None else norm.s,
         M, N, K, N // 2 if silu else 0, x.stride(0), w.stride(0), out.stride(0),

@@ -395,7 +395,7 @@ def takes_gemv(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype)
 def launch_key(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.dtype) -> tuple | None:
     """What a call compiles by (engine/warmup.py builds every distinct one): the config and BM, or None."""
     if takes_gemv(M, N, K, device, dtype):
-        return ("gemv", *decode_gemv.gemv_shape(N, K, silu), triton.next_power_of_2(M))
+        return ("gemv", *decode_gemv.gemv_shape(N, K, silu, M), triton.next_power_of_2(M))
     cfg = pick(M, N, K, silu, device, dtype)
     return None if cfg is None else (cfg, block_m(M), min(cfg.split, triton.cdiv(K, cfg.bk)) > 1)
 

@@ -57,10 +57,13 @@ def test_reads_strided_rows_and_writes_into_a_strided_output():
     assert torch.equal(out[:, :10], torch.full((2, 10), 7.0)) and torch.equal(out[:, 60:], torch.full((2, 20), 7.0))
 
 
-def test_a_tile_holds_at_most_TILE_weights():
+def test_a_tile_holds_at_most_TILE_weights_a_row_of_x():
     for N, K, silu in [(8224, 1024, False), (7168, 1024, True), (1024, 3584, False), (1024, 2048, False)]:
-        BN, BK = dg.gemv_shape(N, K, silu)
-        assert BK >= K and BN * BK * (2 if silu else 1) <= dg.TILE and BN >= 1
+        for M in (1, 2, 3):
+            BN, BK = dg.gemv_shape(N, K, silu, M)
+            rows = 1 if M == 1 else 2 if M == 2 else 4
+            assert BK >= K and BN * BK * (2 if silu else 1) * rows <= dg.TILE and BN >= 1
+    assert dg.gemv_shape(8224, 1024, False, 2)[0] == dg.gemv_shape(8224, 1024, False, 1)[0] // 2
 
 
 def test_project_takes_it_for_few_rows_and_small_weights_only(monkeypatch):
