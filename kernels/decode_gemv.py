@@ -1,7 +1,7 @@
 """A decode step's projections at one or a few rows (batch 1..GEMV_MAX_M): y = x @ W^T with each
 program's weight rows loaded into registers before it waits for x.
 
-At batch 1 a decode step is ~190 kernels of 2-7 us, most of it fixed cost per kernel: a launch that
+At batch 1 a decode step was ~190 kernels of 2-7 us, most of it fixed cost per kernel: a launch that
 starts early (programmatic dependent launch, kernels/pdl.py) still reads its weights only after
 gdc_wait in kernels/decode_linear.py (or, with its L2 prefetch, again from L2 after it). A weight is
 no kernel's output, so here a program loads its whole [BN, K] tile into registers first, while the
@@ -136,6 +136,23 @@ def fits(M: int, N: int, K: int, element_size: int) -> bool:
             and N * K * element_size <= PREFETCH_MAX_BYTES)
 
 
+def operands(x: Tensor, w: Tensor, silu: bool, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(x, w, out) of a projection y = x @ w.T (silu: y = silu(x @ w[:N/2].T) * (x @ w[N/2:].T)), checked,
+    with x and w contiguous in their last dim and out a new [M, width] tensor where none was given (this
+    kernel's and kernels/decode_linear.linear's)."""
+    M, K = x.shape
+    N, K_w = w.shape
+    assert K == K_w and x.dtype == w.dtype, f"x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}"
+    assert not silu or N % 2 == 0, "silu needs w's rows as [gate | up]"
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    width = N // 2 if silu else N
+    if out is None:
+        out = torch.empty(M, width, dtype=x.dtype, device=x.device)
+    assert out.shape == (M, width) and out.stride(-1) == 1 and out.dtype == x.dtype, "out: [M, width], contiguous rows"
+    return x, w, out
+
+
 class PendingNorm(NamedTuple):
     """rms_norm(x + delta) * weight (kernels/norm.py rms_norm with a residual) not computed yet: the one
     projection that reads it computes it (gemv's `x`), and stores x + delta into s. delta None: x alone,
@@ -175,18 +192,11 @@ def gemv(x: Tensor | PendingNorm, w: Tensor, silu: bool = False, out: Tensor | N
     tensor. Returns y: [M, N] (silu: [M, N / 2]) in x.dtype. Graph-safe: no host sync.
     """
     norm = x if isinstance(x, PendingNorm) else None
-    x = norm.x if norm is not None else x
+    x, w, out = operands(norm.x if norm is not None else x, w, silu, out)
     M, K = x.shape
-    N, K_w = w.shape
-    assert K == K_w and x.dtype == w.dtype, f"x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}"
+    N = w.shape[0]
     assert M <= MAX_ROWS, f"{M} rows: this kernel walks up to {MAX_ROWS}"
-    assert not silu or N % 2 == 0, "silu needs w's rows as [gate | up]"
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    w = w if w.stride(-1) == 1 else w.contiguous()
-    width = N // 2 if silu else N
-    if out is None:
-        out = torch.empty(M, width, dtype=x.dtype, device=x.device)
-    assert out.shape == (M, width) and out.stride(-1) == 1 and out.dtype == x.dtype, "out: [M, width], contiguous rows"
+    width = out.shape[1]
     if M == 0:
         return out
     delta = norm.delta if norm is not None else None

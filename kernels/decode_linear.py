@@ -198,16 +198,10 @@ def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool 
     Graph-safe: no host sync; the partial buffer of a split launch comes from torch's allocator.
     """
     assert not partial or (not silu and out is None), "partial: a plain projection into a new tensor"
+    x, w, out = decode_gemv.operands(x, w, silu, out)
     M, K = x.shape
-    N, K_w = w.shape
-    assert K == K_w and x.dtype == w.dtype, f"x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}"
-    assert not silu or N % 2 == 0, "silu needs w's rows as [gate | up]"
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    w = w if w.stride(-1) == 1 else w.contiguous()
-    width = N // 2 if silu else N
-    if out is None:
-        out = torch.empty(M, width, dtype=x.dtype, device=x.device)
-    assert out.shape == (M, width) and out.stride(-1) == 1 and out.dtype == x.dtype, "out: [M, width], contiguous rows"
+    N = w.shape[0]
+    width = out.shape[1]
     if M == 0:
         return out
     cfg = config or measured(M, N, K, silu)[1] or default_config(M, N, K, silu)

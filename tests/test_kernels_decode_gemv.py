@@ -8,21 +8,10 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run o
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_kernels_decode_linear import TOL, _reference  # the same oracle and tolerances
 
 from kernels import decode_gemv as dg
 from kernels import decode_linear as dl
-
-# ||y - ref|| / ||ref||: fp32 sums in another order; bf16 rounds the output once (2^-9 relative)
-TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
-
-
-def _reference(x, w, silu):
-    y = x.float() @ w.float().t()
-    if silu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    return y.to(x.dtype)
 
 
 def _rel_err(y, ref):
