@@ -185,7 +185,7 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> Batch
     assert all(s.vocab_size == logits.shape[1] for s in samplers), "logits width is not the vocabulary size"
     if all(s.argmax_only for s in samplers):
         # The common serving case: no copy of the [B, vocab] logits; only the [B] token ids reach the host.
-        return BatchSample(_argmax(logits).tolist(), [None] * len(samplers))
+        return BatchSample(argmax(logits).tolist(), [None] * len(samplers))
     tokens, logits = _sample(logits, samplers)
     return BatchSample(tokens.tolist(), _logprobs(logits, tokens, samplers))
 
@@ -196,7 +196,7 @@ def sample_on_device(logits: torch.Tensor, samplers: list[SequenceSampler]) -> t
     to the host; for samplers that all need_no_history (no logprobs to return)."""
     assert all(s.needs_no_history for s in samplers), "a sampler needs the host (penalties, min_tokens, logprobs)"
     if all(s.argmax_only for s in samplers):
-        return _argmax(logits)
+        return argmax(logits)
     return _sample(logits, samplers)[0]
 
 
@@ -212,7 +212,7 @@ def _sample(logits: torch.Tensor, samplers: list[SequenceSampler]) -> tuple[torc
 
     drawn = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if len(drawn) < len(samplers):
-        tokens = _argmax(logits)  # [B]; the drawn rows are overwritten below
+        tokens = argmax(logits)  # [B]; the drawn rows are overwritten below
     else:
         tokens = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
     if drawn:
@@ -221,7 +221,7 @@ def _sample(logits: torch.Tensor, samplers: list[SequenceSampler]) -> tuple[torc
     return tokens, logits
 
 
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
+def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1), the same tokens; on CUDA through kernels/argmax.py (faster than torch's
     reduction over a 150K vocabulary: see there)."""
     if logits.is_cuda:

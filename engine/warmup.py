@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from engine import sampling
 from engine.models.hybrid import HybridLM
 from engine.models.state import Batch
 from engine.slots import SlotPool
@@ -107,9 +108,20 @@ def decode_only_shape(model: HybridLM, pool: SlotPool, d: int) -> tuple:
     return shape, launch_config(d, attn.num_kv_heads, pool.max_len, model.device, kv_bytes), gemms
 
 
+def sampled_logits(model: HybridLM) -> list[torch.Tensor]:
+    """One row of logits of each dtype a step samples from, which kernels/argmax.py (CUDA) compiles by:
+    an eager step's fp32 (HybridLM.logits) and a decode graph's in the model's dtype."""
+    vocab = model.config.vocab_size
+    return [torch.zeros(1, vocab, dtype=dtype, device=model.device) for dtype in {torch.float32, model.embed.dtype}]
+
+
 @torch.inference_mode()
 def warm_up(model: HybridLM, pool: SlotPool, max_seqs: int, decode_only: bool = False) -> int:
-    """Run the forwards of mixed_step_batches on the scratch slot; returns how many ran."""
+    """Run the forwards of mixed_step_batches on the scratch slot, and the greedy argmax on sampled_logits
+    (its kernels were otherwise built in the first steps that sampled: bench/engine.py's log on an
+    H200, 2026-11-27); returns how many forwards ran."""
+    for logits in sampled_logits(model):
+        sampling.argmax(logits)
     batches = mixed_step_batches(model, pool, max_seqs, decode_only)
     if not batches:
         return 0

@@ -101,3 +101,23 @@ def test_without_decode_graphs_every_decode_projection_shape_is_built_too(models
     blocks = {key[1] for shape in every for key in shape[-1] if key is not None and key[0] != "gemv"}
     assert blocks == {16, 32, 64, 128, 256}  # x rows a program holds, by batch
     assert all(key is None for key in decode_only_shape(model, pool, 257)[-1])  # past MAX_M: cuBLAS
+
+
+def test_warm_up_runs_the_greedy_argmax_on_logits_of_every_dtype_a_step_samples(models, monkeypatch):
+    """kernels/argmax.py compiles by the logits' dtype: start-up meets both an eager step's fp32 logits and a
+    decode graph's in the model's dtype, so no step builds it."""
+    from types import SimpleNamespace
+
+    from engine import sampling
+    from engine.warmup import sampled_logits
+
+    bf16_model = SimpleNamespace(config=SimpleNamespace(vocab_size=50), embed=torch.zeros(1, dtype=torch.bfloat16),
+                                 device=torch.device("cpu"))
+    assert {(t.dtype, tuple(t.shape)) for t in sampled_logits(bf16_model)} == {(torch.bfloat16, (1, 50)),
+                                                                           (torch.float32, (1, 50))}
+    seen = []
+    run = sampling.argmax
+    monkeypatch.setattr(sampling, "argmax", lambda logits: seen.append(logits.dtype) or run(logits))
+    model = models["torch"]  # no forwards to build: the argmax runs all the same
+    assert warm_up(model, model.new_pool(2), 2) == 0
+    assert seen == [t.dtype for t in sampled_logits(model)] == [torch.float32]
