@@ -97,18 +97,21 @@ def test_norm_folded_into_the_projection_gives_the_norm_kernels_operand():
         assert torch.equal(y, dg.gemv(normed, w, silu=True))
 
 
-def _one_row_decode(model, steps=3):
-    """Logits of `steps` one-sequence decode steps (DecodeStep: one row) after a 7-token prefill in slot 1."""
+def _decode_steps(model, rows, steps=3):
+    """Logits of `steps` decode steps of `rows` sequences (DecodeStep: that many rows), after prefills of
+    7 and 5 tokens in slots 1 and 0."""
     from engine.cuda_graphs import DecodeStep
     from engine.models.state import Batch
 
+    lens, slots = [7, 5][:rows], [1, 0][:rows]
     pool = model.new_pool(2, max_len=32)
     for _ in range(2):
         pool.allocate()
-    prompt = torch.randint(0, 384, (7,), generator=torch.Generator().manual_seed(2))
-    model(prompt, Batch.build([7], [1], [0], model.device), pool)
-    step = DecodeStep(model, pool, max_batch=1, capture=False)
-    return [step.run([(11 * i) % 384], [1], [7 + i]).float().clone() for i in range(steps)]
+    prompt = torch.randint(0, 384, (sum(lens),), generator=torch.Generator().manual_seed(2))
+    model(prompt, Batch.build(lens, slots, [0] * rows, model.device), pool)
+    step = DecodeStep(model, pool, max_batch=rows, capture=False)
+    return [step.run([(11 * i + 3 * j) % 384 for j in range(rows)], slots, [n + i for n in lens]).float().clone()
+            for i in range(steps)]
 
 
 @pytest.fixture(scope="module")
@@ -117,21 +120,22 @@ def qwen_pair(tmp_path_factory):
     return load_qwen_pair(tmp_path_factory.mktemp("qwen3_5_gemv"), seed=8)
 
 
-def test_one_row_decode_steps_on_gemv_with_folded_norms_match_the_torch_backend(qwen_pair, monkeypatch):
-    """A one-row decode step with every projection but the LM head on decode_gemv, each block's two
-    add_rms_norms folded into the projection after them: only the final norm launches, and the logits
-    equal the torch backend's and the unfolded step's."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_decode_steps_on_gemv_with_folded_norms_match_the_torch_backend(qwen_pair, monkeypatch, rows):
+    """A one- or two-row decode step with every projection on decode_gemv, each block's two add_rms_norms
+    folded into the projection after them: only the final norm launches, and the logits equal the torch
+    backend's and the unfolded step's."""
     from kernels import norm
 
     torch_model, triton_model = qwen_pair
-    expected = _one_row_decode(torch_model)
+    expected = _decode_steps(torch_model, rows)
     monkeypatch.setattr(dl, "MODE", "on")
-    monkeypatch.setattr(dg, "GEMV_MAX_M", 1)
+    monkeypatch.setattr(dg, "GEMV_MAX_M", 2)
     pending, norms = [], []
     run, run_norm = dg.gemv, norm.rms_norm
     monkeypatch.setattr(dg, "gemv", lambda x, w, **k: pending.append(isinstance(x, dg.PendingNorm)) or run(x, w, **k))
     monkeypatch.setattr(norm, "rms_norm", lambda *a, **k: norms.append(1) or run_norm(*a, **k))
-    folded = _one_row_decode(triton_model)
+    folded = _decode_steps(triton_model, rows)
     layers = triton_model.config.num_layers
     # per step: each block's in/qkv, out/o, gate_up and down on gemv, two of them reading a pending norm,
     # and this tiny model's LM head (a 384-row vocabulary: under PREFETCH_MAX_BYTES)
@@ -141,7 +145,7 @@ def test_one_row_decode_steps_on_gemv_with_folded_norms_match_the_torch_backend(
         torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     monkeypatch.setattr(dg, "FOLD_NORM", False)
     pending.clear()
-    unfolded = _one_row_decode(triton_model)
+    unfolded = _decode_steps(triton_model, rows)
     assert len(pending) == 3 * (4 * layers + 1) and sum(pending) == 0
     for got, want in zip(unfolded, folded):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
