@@ -111,6 +111,9 @@ class SequenceSampler:
         self.eos_token_ids = frozenset(t for t in eos_token_ids if 0 <= t < vocab_size)
         # what min_tokens keeps out while the output is short; EOS is no stop at all under ignore_eos
         self._banned_early = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
+        if params.min_tokens and len(self._banned_early) >= vocab_size:  # no token could come first
+            raise ValueError(f"stop_token_ids{'' if params.ignore_eos else ' and EOS'} cover all {vocab_size} tokens "
+                             f"of the vocabulary, which min_tokens={params.min_tokens} bans until then: leave one out")
         self._seed = None if params.seed is None else (params.seed + seed_offset) % 2**64
         self._generator: torch.Generator | None = None  # made on the logits' device at the first draw
         self.has_penalties = (params.presence_penalty != 0 or params.frequency_penalty != 0

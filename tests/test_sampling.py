@@ -250,3 +250,16 @@ def test_a_repetition_penalty_beyond_float32_keeps_every_logit_a_number():
     assert sample_batch(logits, [harsh]).token_ids == [4]
     eager = [_sampler(prompt=[1, 2], vocab=6, repetition_penalty=1e-39, temperature=1.0, seed=i) for i in range(20)]
     assert sample_batch(logits.repeat(20, 1), eager).token_ids == [2] * 20
+
+
+def test_min_tokens_with_stop_ids_and_eos_banning_the_whole_vocabulary_is_refused():
+    # Until min_tokens, EOS and the stop token ids are banned: with every token banned, no first token could
+    # be drawn (the argmax of an all -inf row is token 0, banned or not).
+    others = tuple(t for t in range(VOCAB) if t != EOS)
+    with pytest.raises(ValueError, match="cover all .* tokens .* min_tokens=2"):
+        _sampler(min_tokens=2, stop_token_ids=others)
+    with pytest.raises(ValueError, match="leave one out"):
+        _sampler(min_tokens=1, stop_token_ids=tuple(range(VOCAB)), ignore_eos=True)
+    _sampler(min_tokens=2, stop_token_ids=others[1:])  # one token left: fine
+    _sampler(min_tokens=2, stop_token_ids=others, ignore_eos=True)  # EOS is not banned under ignore_eos
+    _sampler(min_tokens=0, stop_token_ids=others)  # no ban without min_tokens

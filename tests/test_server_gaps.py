@@ -18,7 +18,7 @@ from server.generation import Generation
 from server.metrics import Metrics
 from server.protocol import TokenizeRequest
 from server.request_body import read_body
-from server_harness import MODEL_NAME, TINY_SERVER_LIMITS, ThreadServer, write_tiny_model
+from server_harness import MODEL_NAME, TINY, TINY_SERVER_LIMITS, ThreadServer, write_tiny_model
 
 
 def _error(reply: httpx.Response) -> dict:
@@ -228,3 +228,11 @@ def test_a_queue_that_fills_partway_through_a_request_counts_only_its_submitted_
                for s in family.samples}
     assert scraped[("deltaserve:request_success_total", "abort")] == 2  # its n=2 choices, not all 3 prompts' 6
     assert scraped[("deltaserve:request_rejected_total", "queue_full")] == 1
+
+
+def test_min_tokens_with_every_token_a_stop_token_is_a_400_not_token_0(server):
+    reply = httpx.post(f"{server.url}/v1/completions", json={
+        "prompt": "x", "max_tokens": 3, "min_tokens": 1, "ignore_eos": True,
+        "stop_token_ids": list(range(TINY["vocab_size"]))})
+    assert reply.status_code == 400, reply.text
+    assert "cover all" in _error(reply)["message"]
