@@ -252,7 +252,11 @@ def _check_listen_address(host: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0-65535 (0: any free port), got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:  # an IPv6 host where IPv6 is off
+        raise ValueError(f"cannot listen on {host_port(host, port)}: {err.strerror}") from None
+    with sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -262,7 +266,12 @@ def _check_listen_address(host: str, port: int) -> None:
             if err.errno == errno.EADDRINUSE:
                 raise ValueError(f"port {port} on {host} is already in use (another server?): "
                                  f"choose another with --port") from None
-            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+            raise ValueError(f"cannot listen on {host_port(host, port)}: {err.strerror}") from None
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as a URL writes it: an IPv6 host in brackets ([::1]:8000), else its colons read as the port's."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def run_complete(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ from engine.engine_process import ModelSpec, ProcessEngine
 from engine.loader import LoadedModel, read_config_and_tokenizer
 from engine.tokenizer import Tokenizer
 from server.app import build_app
+from server.cli import host_port
 from server.metrics import Metrics
 from server.request_body import MAX_REQUEST_BYTES
 from server.state import ServerState
@@ -63,9 +64,8 @@ def state_for(engine: EngineClient, model_path: Path, model_config: ModelConfig,
 
 
 def _http_url(host: str, port: int) -> str:
-    """The server's address as a URL: an IPv6 host goes in brackets (http://[::1]:8000), else its colons would
-    read as the port's."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    """The server's address as a URL (an IPv6 host in brackets: http://[::1]:8000)."""
+    return f"http://{host_port(host, port)}"
 
 
 class DrainingServer(uvicorn.Server):

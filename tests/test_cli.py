@@ -114,6 +114,8 @@ def test_serve_refuses_a_port_it_cannot_listen_on_before_loading_anything(monkey
                               (["--port", "-1"], "--port must be in 0-65535"),
                               (["--port", str(port)], f"port {port} on 127.0.0.1 is already in use"),
                               (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:8000"),  # not this machine's
+                              # an IPv6 documentation address: not this machine's, or IPv6 is off; in brackets
+                              (["--host", "2001:db8::1"], "cannot listen on [2001:db8::1]:8000: "),
                               (["--drain-timeout", "nan"], "--drain-timeout")]:
             assert main(["serve", *args]) == 2, args
             err = capsys.readouterr().err
