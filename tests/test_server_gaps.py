@@ -235,4 +235,5 @@ def test_min_tokens_with_every_token_a_stop_token_is_a_400_not_token_0(server):
         "prompt": "x", "max_tokens": 3, "min_tokens": 1, "ignore_eos": True,
         "stop_token_ids": list(range(TINY["vocab_size"]))})
     assert reply.status_code == 400, reply.text
-    assert "cover all" in _error(reply)["message"]
+    error = _error(reply)
+    assert "cover all" in error["message"] and error["param"] == "stop_token_ids"
