@@ -4,11 +4,14 @@ Text streams to stdout as it arrives; the token count and finish reason go to st
 reads one user message per stdin line and keeps the conversation, so each answer sees the earlier
 turns; `/reset` forgets them. It ends on EOF (Ctrl-D, or the end of piped input) or Ctrl-C.
 Server errors surface as DeltaserveError, which the command line turns into one error line, status 2.
+When the reader of stdout goes away (`| head`), the stream is closed, which aborts the request, and the
+command ends quietly with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, TextIO
 
@@ -39,6 +42,17 @@ def _show(stream: TextStream, out: TextIO) -> str:
     return stream.text
 
 
+def _stdout_closed() -> SystemExit:
+    """stdout's reader has gone: no traceback, and /dev/null under stdout, so that the interpreter's last flush
+    at exit does not raise BrokenPipeError again ("Exception ignored ..."). The stream was closed on the way."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor has no last flush to fail
+        pass
+    return SystemExit(1)
+
+
 def _footer(stream: TextStream) -> str:
     tokens = stream.usage.completion_tokens if stream.usage else "?"
     return f"[{tokens} tokens, finish: {stream.finish_reason}]"
@@ -49,8 +63,11 @@ def run_complete(args: argparse.Namespace) -> None:
     if not prompt:
         raise ValueError("the prompt is empty; give --prompt TEXT or pipe text on stdin")
     with Client(args.url, model=args.model, timeout=args.timeout) as client:
-        with client.stream_complete(prompt, max_tokens=args.max_tokens, **_sampling(args)) as stream:
-            _show(stream, sys.stdout)
+        try:
+            with client.stream_complete(prompt, max_tokens=args.max_tokens, **_sampling(args)) as stream:
+                _show(stream, sys.stdout)
+        except BrokenPipeError:
+            raise _stdout_closed() from None
         print(_footer(stream), file=sys.stderr)
 
 
@@ -82,6 +99,8 @@ def run_chat(args: argparse.Namespace) -> None:
             except KeyboardInterrupt:
                 print(file=sys.stderr)
                 return
+            except BrokenPipeError:
+                raise _stdout_closed() from None
             history.append({"role": "assistant", "content": answer})
             if args.verbose:
                 print(_footer(stream), file=sys.stderr)
