@@ -11,12 +11,24 @@ command ends quietly with status 1.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, TextIO
 
 from clients.client import Client, Sampling
 from clients.streams import TextStream
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Flag values that would otherwise fail with a message that does not name them: a --timeout of 0 read as
+    'cannot reach the server', a negative one as 'Timeout value out of range', a NaN temperature as 'Out of
+    range float values are not JSON compliant'."""
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
@@ -59,6 +71,7 @@ def _footer(stream: TextStream) -> str:
 
 
 def run_complete(args: argparse.Namespace) -> None:
+    _check_numbers(args)
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
     if not prompt:
         raise ValueError("the prompt is empty; give --prompt TEXT or pipe text on stdin")
@@ -72,6 +85,7 @@ def run_complete(args: argparse.Namespace) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> None:
+    _check_numbers(args)
     interactive = sys.stdin.isatty()
     history: list[dict[str, Any]] = []
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -63,7 +63,8 @@ class BenchConfig:
             raise ValueError("--request-rate must be > 0")
         if self.input_len < 1 or self.output_len < 1:
             raise ValueError("--input-len and --output-len must be at least 1")
-        if self.max_duration_s <= 0 or self.timeout_s <= 0 or self.progress_interval_s <= 0:
+        # `not > 0` refuses NaN too: a NaN --max-duration ended the run at once with every request unfinished
+        if not (self.max_duration_s > 0 and self.timeout_s > 0 and self.progress_interval_s > 0):
             raise ValueError("--max-duration, --timeout and --progress-interval must be > 0")
 
     @property

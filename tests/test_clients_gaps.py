@@ -1,12 +1,14 @@
 """What a user of `deltaserve complete` / `chat` / `bench-serve` meets at the edges: a closed stdout, bad flag
 values, Ctrl-C, and how much a percentile in the report rests on."""
 
+import io
 import os
 import subprocess
 import sys
 
 import pytest
 
+from server.cli import main
 from server_harness import REPO
 
 
@@ -25,3 +27,22 @@ def test_a_closed_stdout_ends_the_command_quietly(server, command):
     finally:
         os.close(writer)
     assert out.stderr == "" and out.returncode == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "nan"),
+                                         ("--temperature", "nan"), ("--top-p", "inf")])
+@pytest.mark.parametrize("command", ["complete", "chat"])
+def test_a_bad_number_is_named_in_one_error_line(server, command, flag, value, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main([command, "--url", server.url, "--prompt" if command == "complete" else "--system", "x",
+                 flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deltaserve: error: {flag} must be") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--max-duration", "--timeout", "--progress-interval"])
+def test_bench_serve_refuses_a_nan_duration_before_it_starts(server, flag, capsys):
+    assert main(["bench-serve", "--url", server.url, "--num-requests", "2", flag, "nan"]) == 2
+    out = capsys.readouterr()
+    assert out.err == "deltaserve: error: --max-duration, --timeout and --progress-interval must be > 0\n"
+    assert out.out == ""
