@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PERCENTILES = (50, 90, 99)
-UNFINISHED = "unfinished"  # the prefix of the error of a request cut off by --max-duration
+UNFINISHED = "unfinished"  # the prefix of the error of a request cut off by --max-duration or Ctrl-C
 
 
 @dataclass

@@ -5,7 +5,8 @@ server's own tokenization of a fixed English text, so no special tokens), asking
 --output-len tokens (greedy, ignore_eos). Requests go out either as N concurrent streams (a new one as
 soon as one ends) or as a Poisson process at --request-rate per second (optionally capped at
 --concurrency in flight). The run is bounded by --num-requests and by --max-duration seconds; what is
-still running then is cancelled and counted as unfinished. It only ever talks to the URL it is given.
+still running then is cancelled and counted as unfinished. Ctrl-C stops the run the same way, and the
+report (and --json) still covers what finished before it. It only ever talks to the URL it is given.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ async def _one(client: AsyncClient, model: str, prompt: list[int], record: Reque
             record.output_tokens = stream.usage.completion_tokens if stream.usage else len(stream.parts)
             record.finish_reason = stream.finish_reason
         except asyncio.CancelledError:
-            record.error = f"{UNFINISHED}: cut off by --max-duration"
+            record.error = UNFINISHED  # bench() adds what cut it off
             raise
         except DeltaserveError as err:
             record.error = str(err)
@@ -181,20 +182,28 @@ async def bench(config: BenchConfig, progress_out: TextIO) -> dict[str, Any]:
         started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         start = time.perf_counter()
         ticker = asyncio.create_task(progress.tick(start))
+        stopped_by = None  # what ended the run before every request did
         try:
             await asyncio.wait_for(_drive(client, model, prompts, records, config, rng, start, progress),
                                    config.max_duration_s)
         except asyncio.TimeoutError:
-            pass  # the requests still running were cancelled and marked unfinished
+            stopped_by = "--max-duration"  # the requests still running were cancelled and marked unfinished
+        except asyncio.CancelledError:
+            # Ctrl-C: asyncio.run cancels this task (once; a second Ctrl-C ends it outright). Minutes of
+            # measurements would be lost with it, so take the cancellation and report like --max-duration.
+            asyncio.current_task().uncancel()
+            stopped_by = "Ctrl-C"
         finally:
             ticker.cancel()
         duration = time.perf_counter() - start
         progress.show(duration, final=True)
     for record in records:
         if record.start_s is None:
-            record.error = f"{UNFINISHED}: never sent before --max-duration"
+            record.error = f"{UNFINISHED}: never sent before {stopped_by}"
+        elif record.error == UNFINISHED:
+            record.error = f"{UNFINISHED}: cut off by {stopped_by}"
     return {"tool": "deltaserve bench-serve", "started_at": started_at, "config": asdict(config), "model": model,
-            "summary": summarize(records, duration),
+            "stopped_by": stopped_by, "summary": summarize(records, duration),
             "requests": [asdict(r) | {"tpot_s": r.tpot_s} for r in records]}
 
 
@@ -216,3 +225,7 @@ def run_bench_serve(args: argparse.Namespace) -> None:
     if args.json is not None:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
+    if record["stopped_by"] == "Ctrl-C":
+        print("bench-serve: stopped by Ctrl-C; the report covers the requests that finished before it",
+              file=sys.stderr)
+        raise KeyboardInterrupt  # the command's status says it was interrupted (130)

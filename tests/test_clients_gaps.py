@@ -2,7 +2,9 @@
 values, Ctrl-C, and how much a percentile in the report rests on."""
 
 import io
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -46,3 +48,27 @@ def test_bench_serve_refuses_a_nan_duration_before_it_starts(server, flag, capsy
     out = capsys.readouterr()
     assert out.err == "deltaserve: error: --max-duration, --timeout and --progress-interval must be > 0\n"
     assert out.out == ""
+
+
+def test_ctrl_c_stops_bench_serve_with_the_report_of_what_finished(server, tmp_path):
+    path = tmp_path / "run.json"
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "bench-serve", "--url", server.url,
+                             "--num-requests", "200", "--concurrency", "2", "--input-len", "8", "--output-len", "200",
+                             "--progress-interval", "0.05", "--json", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for line in proc.stderr:  # interrupt once a request has finished, far from the 200 the run asks for
+            if line.startswith("bench-serve: ") and not line.startswith("bench-serve: 0/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err and "stopped by Ctrl-C" in err
+    record = json.loads(path.read_text())
+    s = record["summary"]
+    assert record["stopped_by"] == "Ctrl-C" and s["failed"] == 0 and s["completed"] >= 1 and s["unfinished"] >= 1
+    assert s["completed"] + s["unfinished"] == 200
+    assert f"completed {s['completed']} of 200 requests" in out
+    cut = {r["error"] for r in record["requests"] if r["error"] is not None}
+    assert cut <= {"unfinished: cut off by Ctrl-C", "unfinished: never sent before Ctrl-C"}
