@@ -4,7 +4,8 @@ Times are seconds in records and milliseconds in the summary. Per request: TTFT 
 request to the first streamed text; ITL is each gap between successive text events; TPOT is
 (end-to-end - TTFT) / (output tokens - 1), the mean time per token after the first; E2E is from
 sending to the end of the stream. Percentiles interpolate linearly between the closest ranks (numpy's
-default), so p50 <= p90 <= p99 always holds.
+default), so p50 <= p90 <= p99 always holds. Each row also gives n, how many values it rests on: a p99
+over 3 requests is only a point between the two slowest, and the table should not let it pass for a tail.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def distribution_ms(values_s: list[float]) -> dict[str, float | None]:
     values = [1000 * v for v in values_s]
-    stats: dict[str, float | None] = {"mean": sum(values) / len(values) if values else None}
+    stats: dict[str, float | None] = {"n": len(values), "mean": sum(values) / len(values) if values else None}
     stats |= {f"p{q}": percentile(values, q) for q in PERCENTILES}
     return stats
 
@@ -93,12 +94,13 @@ def render(summary: dict[str, Any], title: str) -> str:
              f"  request throughput  {s['request_throughput']:10.2f} req/s",
              f"  output throughput   {s['output_throughput']:10.1f} tok/s",
              f"  total throughput    {s['total_token_throughput']:10.1f} tok/s (input + output)",
-             f"  {'':18}{'mean':>10}" + "".join(f"{f'p{q}':>10}" for q in PERCENTILES)]
+             f"  {'':18}{'n':>8}{'mean':>10}" + "".join(f"{f'p{q}':>10}" for q in PERCENTILES)]
     for key, name in (("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"), ("itl_ms", "ITL (ms)"),
                       ("e2e_ms", "E2E (ms)")):
         row = s[key]
         cells = [row["mean"]] + [row[f"p{q}"] for q in PERCENTILES]
-        lines.append(f"  {name:18}" + "".join(f"{c:10.2f}" if c is not None else f"{'-':>10}" for c in cells))
+        lines.append(f"  {name:18}{row['n']:8d}"
+                     + "".join(f"{c:10.2f}" if c is not None else f"{'-':>10}" for c in cells))
     for message, count in s["errors"].items():
         lines.append(f"  error x{count}: {message}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from clients.bench_report import RequestRecord, render, summarize
 from server.cli import main
 from server_harness import REPO
 
@@ -72,3 +73,18 @@ def test_ctrl_c_stops_bench_serve_with_the_report_of_what_finished(server, tmp_p
     assert f"completed {s['completed']} of 200 requests" in out
     cut = {r["error"] for r in record["requests"] if r["error"] is not None}
     assert cut <= {"unfinished: cut off by Ctrl-C", "unfinished: never sent before Ctrl-C"}
+
+
+def test_each_latency_row_says_how_many_values_its_percentiles_rest_on():
+    records = [RequestRecord(index=i, prompt_tokens=4, start_s=0.0, ttft_s=0.01 * (i + 1), e2e_s=0.1, output_tokens=2,
+                             finish_reason="length", itl_s=[0.02]) for i in range(3)]
+    summary = summarize(records, duration_s=1.0)
+    assert summary["ttft_ms"]["n"] == 3 and summary["itl_ms"]["n"] == 3
+    table = render(summary, "title").splitlines()
+    assert table[5].split() == ["n", "mean", "p50", "p90", "p99"]
+    assert table[6].split()[:4] == ["TTFT", "(ms)", "3", "20.00"]  # three requests: the p99 is no tail
+
+
+def test_a_run_where_nothing_finished_reports_zero_values_per_row():
+    table = render(summarize([RequestRecord(index=0, prompt_tokens=4, error="boom")], duration_s=0.0), "title")
+    assert table.splitlines()[6].split() == ["TTFT", "(ms)", "0", "-", "-", "-", "-"]
