@@ -3,7 +3,8 @@
 Text streams to stdout as it arrives; the token count and finish reason go to stderr. The chat REPL
 reads one user message per stdin line and keeps the conversation, so each answer sees the earlier
 turns; `/reset` forgets them. It ends on EOF (Ctrl-D, or the end of piped input) or Ctrl-C.
-Server errors surface as DeltaserveError, which the command line turns into one error line, status 2.
+Server errors surface as DeltaserveError, which the command line turns into one error line, status 2;
+in a chat at a terminal, an error answering one message is that line, and the chat goes on without it.
 When the reader of stdout goes away (`| head`), the stream is closed, which aborts the request, and the
 command ends quietly with status 1.
 """
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 
 from clients.client import Client, Sampling
 from clients.streams import TextStream
+from clients.types import DeltaserveError
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -115,6 +117,14 @@ def run_chat(args: argparse.Namespace) -> None:
                 return
             except BrokenPipeError:
                 raise _stdout_closed() from None
+            except DeltaserveError as err:
+                if not interactive:
+                    raise
+                # at a terminal one refused message (past the context limit, say) need not end the conversation
+                # and lose it: the message is forgotten and the next one asked for
+                history.pop()
+                print(f"deltaserve: error: {err}", file=sys.stderr)
+                continue
             history.append({"role": "assistant", "content": answer})
             if args.verbose:
                 print(_footer(stream), file=sys.stderr)

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
+from clients import Client
 from clients.bench_report import RequestRecord, render, summarize
 from server.cli import main
-from server_harness import REPO
+from server_harness import MAX_MODEL_LEN, REPO
 
 
 def _cli(*args: str, stdout: int, stdin_text: str = "") -> subprocess.CompletedProcess:
@@ -88,3 +89,18 @@ def test_each_latency_row_says_how_many_values_its_percentiles_rest_on():
 def test_a_run_where_nothing_finished_reports_zero_values_per_row():
     table = render(summarize([RequestRecord(index=0, prompt_tokens=4, error="boom")], duration_s=0.0), "title")
     assert table.splitlines()[6].split() == ["TTFT", "(ms)", "0", "-", "-", "-", "-"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_at_a_terminal_a_refused_chat_message_is_dropped_and_the_chat_goes_on(server, monkeypatch, capsys):
+    with Client(server.url, timeout=30) as client:
+        expected = client.chat("Hi", max_tokens=6, temperature=0.0).text
+    monkeypatch.setattr(sys, "stdin", _Terminal("x" * (MAX_MODEL_LEN + 10) + "\nHi\n"))
+    assert main(["chat", "--url", server.url, "--max-tokens", "6"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "> > " + expected + "\n> "  # the answer to "Hi" alone: the refused message is gone
+    assert out.err.count("deltaserve: error: ") == 1 and "context limit" in out.err
