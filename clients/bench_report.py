@@ -89,7 +89,8 @@ def summarize(records: list[RequestRecord], duration_s: float) -> dict[str, Any]
 def render(summary: dict[str, Any], title: str) -> str:
     s = summary
     lines = [title,
-             f"completed {s['completed']} of {s['requests']} requests in {s['duration_s']:.2f} s "
+             f"completed {s['completed']} of {s['requests']} request{'' if s['requests'] == 1 else 's'} in "
+             f"{s['duration_s']:.2f} s "
              f"({s['failed']} failed, {s['unfinished']} unfinished)",
              f"  request throughput  {s['request_throughput']:10.2f} req/s",
              f"  output throughput   {s['output_throughput']:10.1f} tok/s",

@@ -171,11 +171,19 @@ async def _drive(client: AsyncClient, model: str, prompts: list[list[int]], reco
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _served_model(client: AsyncClient) -> str:
+    """The first model the server lists; DeltaserveError when it lists none (a server that is not ours)."""
+    models = await client.models()
+    if not models:
+        raise DeltaserveError("the server lists no models: name one with --model", status=None)
+    return models[0].id
+
+
 async def bench(config: BenchConfig, progress_out: TextIO) -> dict[str, Any]:
     """Run the load and return the full record: config, model, summary, one entry per request."""
     rng = random.Random(config.seed)
     async with AsyncClient(config.url, timeout=config.timeout_s, max_connections=config.in_flight_limit) as client:
-        model = config.model or (await client.models())[0].id
+        model = config.model or await _served_model(client)
         prompts = await synthetic_prompts(client, config, rng)
         records = [RequestRecord(index=i, prompt_tokens=len(p)) for i, p in enumerate(prompts)]
         progress = Progress(config.num_requests, progress_out, config.progress_interval_s)

@@ -34,7 +34,8 @@ class DeltaserveError(Exception):
         """An error answer -> the exception; a body that is not the error object still gives a message."""
         error = body.get("error") if isinstance(body, dict) else None
         if not isinstance(error, dict):
-            text = str(body)[:200] if body else "no details"
+            # one line, however the body was laid out (an HTML error page from a proxy, say)
+            text = " ".join(str(body).split())[:200] if body else "no details"
             return cls(f"the server answered {status}: {text}", status=status)
         return cls(str(error.get("message", "no message")), status=status, type=error.get("type"),
                    param=error.get("param"), code=error.get("code"))

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-requests", type=int, default=100, help="requests to send in all (default: 100)")
     bench.add_argument("--concurrency", type=int, default=None,
                        help="most requests in flight at once; without --request-rate each finished request is "
-                            "replaced at once (default: 8 without --request-rate, else unbounded)")
+                            "replaced at once (default: 8 without --request-rate, else 1024, the most connections "
+                            "bench-serve opens)")
     bench.add_argument("--request-rate", type=float, default=None, metavar="PER_SECOND",
                        help="send requests as a Poisson process at this mean rate (default: off)")
     bench.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: 128)")

@@ -104,3 +104,40 @@ def test_at_a_terminal_a_refused_chat_message_is_dropped_and_the_chat_goes_on(se
     out = capsys.readouterr()
     assert out.out == "> > " + expected + "\n> "  # the answer to "Hi" alone: the refused message is gone
     assert out.err.count("deltaserve: error: ") == 1 and "context limit" in out.err
+
+
+def test_one_request_is_not_requests_in_the_report():
+    records = [RequestRecord(index=0, prompt_tokens=4, error="boom")]
+    assert "completed 0 of 1 request in " in render(summarize(records, duration_s=1.0), "title")
+    assert "completed 0 of 2 requests in " in render(summarize(records * 2, duration_s=1.0), "title")
+
+
+def test_an_error_page_that_is_not_the_error_object_is_one_line():
+    from clients.types import DeltaserveError
+
+    page = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n  <h1>Bad   Gateway</h1>\n</body>\n</html>\n"
+    message = str(DeltaserveError.from_body(page, 502))
+    assert "\n" not in message and "<h1>Bad Gateway</h1>" in message and message.startswith("the server answered 502")
+
+
+def test_bench_serve_says_so_when_the_server_lists_no_models():
+    import asyncio
+
+    from clients.loadgen import _served_model
+    from clients.types import DeltaserveError
+
+    class NoModels:
+        async def models(self):
+            return []
+
+    with pytest.raises(DeltaserveError, match="lists no models: name one with --model"):
+        asyncio.run(_served_model(NoModels()))
+
+
+def test_concurrency_help_gives_the_connection_limit_it_falls_back_to():
+    from clients.loadgen import MAX_CONNECTIONS
+    from server.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench-serve"]
+    help_text = next(a.help for a in bench._actions if "--concurrency" in a.option_strings)
+    assert f"else {MAX_CONNECTIONS}" in help_text
