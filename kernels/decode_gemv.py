@@ -8,8 +8,7 @@ no kernel's output, so here a program loads its whole [BN, K] tile into register
 kernel before it still runs; after gdc_wait only x (a few KB, from L2) is read, multiplied and summed.
 No tensor cores: at M <= 4 the products are a few FMAs per weight element, and a whole-K tile needs no
 pipelined loop. The tile is capped at TILE elements a row of x (4 warps, 64 registers a thread in bf16), so
-a projection is many programs of BN = TILE / K rows; the LM head (over decode_linear.PREFETCH_MAX_BYTES)
-never comes here.
+a projection is many programs of BN = TILE / K rows; the LM head never comes here (decode_linear.takes_gemv).
 
 The add_rms_norm before a block's first projection can come along (PendingNorm; engine/models/layers.py
 defers_norm): every program builds the normed row itself from the residual stream and the delta the
@@ -128,12 +127,9 @@ def gemv_shape(N: int, K: int, silu: bool, M: int = 1) -> tuple[int, int]:
     return (max(1, rows // 2) if silu else rows), BK
 
 
-def fits(M: int, N: int, K: int, element_size: int) -> bool:
-    """Whether a projection of M rows may take this kernel: M within GEMV_MAX_M, a row of K within a
-    tile, and weights small enough to be streamed once per step anyway (not the LM head)."""
-    from kernels.decode_linear import PREFETCH_MAX_BYTES
-    return (0 < M <= min(GEMV_MAX_M, MAX_ROWS) and triton.next_power_of_2(K) <= TILE
-            and N * K * element_size <= PREFETCH_MAX_BYTES)
+def fits(M: int, K: int) -> bool:
+    """Whether a projection of M rows of K may take this kernel: M within GEMV_MAX_M, a row within a tile."""
+    return 0 < M <= min(GEMV_MAX_M, MAX_ROWS) and triton.next_power_of_2(K) <= TILE
 
 
 def operands(x: Tensor, w: Tensor, silu: bool, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

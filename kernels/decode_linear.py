@@ -380,8 +380,10 @@ def pick(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.
 
 def takes_gemv(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this GEMM goes to kernels/decode_gemv (a few rows, weights loaded before the wait) rather
-    than to pick's choice: where decode_gemv.fits, unless MODE is "off" (or "auto" off the measured card)."""
-    if MODE == "off" or not decode_gemv.fits(M, N, K, dtype.itemsize):
+    than to pick's choice: where decode_gemv.fits, unless MODE is "off" (or "auto" off the measured card).
+    Not weights over PREFETCH_MAX_BYTES, the LM head: cuBLAS streams it at copy speed at one row (TABLE),
+    and no register tile holds a share of it worth loading early."""
+    if MODE == "off" or not decode_gemv.fits(M, K) or N * K * dtype.itemsize > PREFETCH_MAX_BYTES:
         return False
     return MODE == "on" or _measured_here(device, dtype)
 
