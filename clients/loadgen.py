@@ -197,9 +197,12 @@ async def bench(config: BenchConfig, progress_out: TextIO) -> dict[str, Any]:
         except asyncio.TimeoutError:
             stopped_by = "--max-duration"  # the requests still running were cancelled and marked unfinished
         except asyncio.CancelledError:
-            # Ctrl-C: asyncio.run cancels this task (once; a second Ctrl-C ends it outright). Minutes of
-            # measurements would be lost with it, so take the cancellation and report like --max-duration.
-            asyncio.current_task().uncancel()
+            # Ctrl-C: asyncio.run cancels this task (Python 3.11+; once, a second Ctrl-C ends it outright; on
+            # 3.10 Ctrl-C is a KeyboardInterrupt that never comes here). Minutes of measurements would be lost
+            # with it, so take the cancellation and report like --max-duration.
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):  # 3.11+: no longer counted as cancelling, so the awaits below run
+                task.uncancel()
             stopped_by = "Ctrl-C"
         finally:
             ticker.cancel()
