@@ -218,11 +218,12 @@ def main() -> None:
     capacity(loaded, args.state_dtypes.split(","))
     if "bfloat16" in args.check_dtypes.split(","):
         check_determinism(loaded, args.prompt)
-    folds = {"on": [True], "off": [False], "both": [True, False]}[args.fold_conv]
+    on_off = {"on": [True], "off": [False], "both": [True, False]}
+    folds = on_off[args.fold_conv]
     linears = {"auto": ["auto"], "off": ["off"], "both": ["auto", "off"]}[args.decode_linear]
     pdls = {"default": [pdl.ENABLED], "on": [True], "off": [False], "both": [False, True]}[args.pdl]
     gemvs = [int(m) for m in args.gemv_max_m.split(",")]
-    norm_folds = {"on": [True], "off": [False], "both": [True, False]}[args.fold_norm]
+    norm_folds = on_off[args.fold_norm]
     variants = [(f, m, p, g, n) for f in folds for m in linears for p in pdls for g in gemvs for n in norm_folds]
     for fold, mode, use_pdl, gemv_rows, fold_norm in variants:
         # set before each engine captures its decode graphs (a graph keeps the path taken at capture)

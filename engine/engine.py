@@ -69,8 +69,8 @@ class RequestLimits:
         if bad:
             raise InvalidPrompt(f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if self.max_model_len is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ContextLengthExceeded(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context limit of {self.max_model_len} tokens")
+            raise ContextLengthExceeded(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                                        f"exceeds the context limit of {self.max_model_len} tokens")
         if params.n > self.max_num_seqs:
             raise TooManyChoices(f"n={params.n} exceeds the {self.max_num_seqs} sequences the engine runs")
 

@@ -10,7 +10,8 @@ the eager forward once per distinct shape of the other steps: prompt chunks alon
 sequences (decodes) mixed with a chunk; without graphs, also decode-only steps (the decode kernels',
 the decode attention's launch config and the decode projections' row blocks and configs
 (kernels/decode_linear.py) change with the batch size). Every sequence of those forwards is on the pool's scratch
-slot, which is cleared afterwards: no request's state is read or written.
+slot, which is cleared afterwards: no request's state is read or written. The greedy argmax (kernels/argmax.py on
+CUDA, built by the logits' dtype) runs once on each kind of logits a step samples from.
 """
 
 from __future__ import annotations

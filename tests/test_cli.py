@@ -140,3 +140,12 @@ def test_serve_takes_max_request_bytes_and_refuses_one_below_1_before_loading(tm
     assert main(["serve", "--model", str(tmp_path), "--device", "cpu", "--max-request-bytes", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "deltaserve: error: --max-request-bytes must be at least 1\n" and len(started) == 1
+
+
+def test_max_request_bytes_defaults_to_the_servers_own_limit_and_says_so():
+    from server.cli import build_parser
+    from server.request_body import MAX_REQUEST_BYTES
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    action = next(a for a in serve._actions if "--max-request-bytes" in a.option_strings)
+    assert action.default == MAX_REQUEST_BYTES and f"default: {MAX_REQUEST_BYTES}," in action.help
