@@ -13,6 +13,9 @@ sigmoid(gate) (Qwen's gated attention) before it is stored. Small batches split 
 keys over several programs (flash-decoding) so the GPU is not left with B * KVH programs, and a
 second launch combines the splits. Both kernels launch with PDL where kernels/pdl.py enables it.
 
+rope_decode_attention does a decode step's kernels/rope.py store, this attention and the combine in one
+launch (its docstring says how, and how its bits and speed compare).
+
 Where the torch form gathered each slot's whole [length] buffer into a copy (keys[slot_ids, :L]),
 built a mask and ran SDPA, then the gate's sigmoid and product: ~8 kernels and a copy of every
 key and value it reads.
@@ -70,12 +73,7 @@ def _decode_attention_kernel(
         gdc_wait()
     slot = tl.load(slot_ids + i_b).to(tl.int64)
     pos = tl.load(positions + i_b).to(tl.int64)
-    lo = tl.maximum(pos - window + 1, 0)
-    # Split s of num_splits takes keys [start, end): whole BL blocks, the last split the remainder (or none).
-    chunk = tl.cdiv(tl.cdiv(pos + 1 - lo, num_splits), BL) * BL
-    start = lo + i_s * chunk
-    end = tl.minimum(start + chunk, pos + 1)
-    end = tl.where(slot < 0, start, end)
+    start, end = _split_keys(slot, pos, window, num_splits, i_s, BL)
 
     o_g = tl.arange(0, BG)
     o_d = tl.arange(0, BD)
@@ -100,14 +98,7 @@ def _decode_attention_kernel(
         if F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
-        s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee" if F32 else "tf32") * scale_log2
-        s = tl.where(mask_l[None, :], s, float("-inf"))  # [BG, BL]
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        acc_l = acc_l * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision="ieee" if F32 else "tf32")
-        m = m_new
+        m, acc_l, acc = _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32)
     m_o = mask_g[:, None] & mask_d[None, :]
     if SPLIT:  # an empty split leaves max -inf and sum 0: it weighs nothing in the combination
         row = (i_b * H + heads) * num_splits + i_s  # [BG]
@@ -128,6 +119,31 @@ def _finish(b_o, gate, out, i_b, heads, o_d, m_o, stride_g_b, stride_g_h, H: tl.
         b_g = tl.load(p_g, mask=m_o, other=0).to(tl.float32)
         b_o = b_o / (1.0 + tl.exp(-b_g))
     tl.store(out + (i_b * H + heads)[:, None] * D + o_d[None, :], b_o.to(out.dtype.element_ty), mask=m_o)
+
+
+@triton.jit
+def _split_keys(slot, pos, window, num_splits, i_s, BL: tl.constexpr):
+    """The keys [start, end) split i_s of num_splits attends to for a query at pos: whole BL blocks of
+    lo..pos (lo = pos - window + 1 or 0), the last split the remainder (or none); none for padding."""
+    lo = tl.maximum(pos - window + 1, 0)
+    chunk = tl.cdiv(tl.cdiv(pos + 1 - lo, num_splits), BL) * BL
+    start = lo + i_s * chunk
+    end = tl.minimum(start + chunk, pos + 1)
+    return start, tl.where(slot < 0, start, end)
+
+
+@triton.jit
+def _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32: tl.constexpr):
+    """One online-softmax step over a block of keys b_k, values b_v [BL, BD] (mask_l [BL]: real
+    keys) for queries b_q [BG, BD]: the running max m, sum acc_l [BG] and output acc [BG, BD]."""
+    s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee" if F32 else "tf32") * scale_log2
+    s = tl.where(mask_l[None, :], s, float("-inf"))  # [BG, BL]
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    acc_l = acc_l * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision="ieee" if F32 else "tf32")
+    return m_new, acc_l, acc
 
 
 @triton.jit
@@ -155,16 +171,213 @@ def _combine_splits_kernel(
     row = (i_b * H + i_h) * NSPLIT + o_s  # [NSPLIT]
     if PDL:  # the partials are the attention kernel's, just before
         gdc_wait()
-    b_m = tl.load(part_ml + row * 2)
-    b_l = tl.load(part_ml + row * 2 + 1)
-    b_acc = tl.load(part_acc + row[:, None] * D + o_d[None, :], mask=(o_d < D)[None, :], other=0)
+    b_m, b_l, b_acc = _load_partials(part_acc, part_ml, row, o_d, D, "")
+    b_o = _combine(b_m, b_l, b_acc)
+    heads = i_h + tl.arange(0, 1)
+    _finish(b_o, gate, out, i_b, heads, o_d, (o_d < D)[None, :], stride_g_b, stride_g_h, H, D, GATE)
+
+
+@triton.jit
+def _load_partials(part_acc, part_ml, row, o_d, D: tl.constexpr, CACHE: tl.constexpr):
+    """One head's splits' partials at rows row [NSPLIT]: max, sum [NSPLIT], acc [NSPLIT, BD].
+    CACHE: the loads' cache modifier."""
+    b_m = tl.load(part_ml + row * 2, cache_modifier=CACHE)
+    b_l = tl.load(part_ml + row * 2 + 1, cache_modifier=CACHE)
+    b_acc = tl.load(part_acc + row[:, None] * D + o_d[None, :], mask=(o_d < D)[None, :], other=0, cache_modifier=CACHE)
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _combine(b_m, b_l, b_acc):
+    """One head's output [1, BD] (before the gate) from its splits' partials: their softmax-weighted sum."""
     m_max = tl.max(b_m, 0)
     w = tl.exp2(b_m - tl.where(m_max == float("-inf"), 0.0, m_max))  # [NSPLIT]; 0 for empty splits
     total = tl.sum(b_l * w, 0)  # 0 only for padding, whose acc is 0 too
     b_o = tl.sum(b_acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # [BD]
-    heads = i_h + tl.arange(0, 1)
-    b_o = b_o[None, :]
-    _finish(b_o, gate, out, i_b, heads, o_d, (o_d < D)[None, :], stride_g_b, stride_g_h, H, D, GATE)
+    return b_o[None, :]
+
+
+@triton.jit
+def _sum_squares(x, stride, n: tl.constexpr, NR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+    """Each of n rows' sum of squares in fp32, [BN] (0 past n); row r at x + r * stride, D channels.
+    The rows go NR at a time as [NR, BD] tiles: launched with NR times the warps of kernels/rope.py's
+    one-row programs, such a tile's default layout gives each row the same elements per thread, lanes and
+    warps as there, so each row adds in rope.py's order (bits on the GPU, not just in the interpreter)."""
+    o_n = tl.arange(0, NR)
+    o_r = tl.arange(0, BN)
+    o_d = tl.arange(0, BD)[None, :]
+    ss = tl.zeros([BN], dtype=tl.float32)
+    for c in tl.static_range(0, n, NR):
+        b_x = tl.load(x + (c + o_n)[:, None] * stride + o_d, mask=((c + o_n) < n)[:, None] & (o_d < D), other=0)
+        b_x = b_x.to(tl.float32)
+        ss_c = tl.sum(b_x * b_x, 1)  # [NR]
+        for r in tl.static_range(NR):
+            if c + r < n:  # one of NR sums plus zeros: exact
+                ss = tl.where(o_r == c + r, tl.sum(tl.where(o_n == r, ss_c, 0.0), 0), ss)
+    return ss
+
+
+@triton.jit
+def _norm_rope(x, o_d, mask_x, ss, weight, inv_freq, pos, eps, D: tl.constexpr, R: tl.constexpr, NORM: tl.constexpr,
+               dtype: tl.constexpr):
+    """Rows [N, BD] (pointers x [N, 1] to their first channel, o_d [1, BD], mask_x [N, 1]: real rows,
+    ss [N, 1] their sums of squares): RMSNorm times weight (NORM) rounded to dtype, then rotate-half RoPE
+    on the first R channels at position pos, in fp32: kernels/rope.py's arithmetic op for op, so the
+    caller's rounding to where rope.py stores gives its bits."""
+    half: tl.constexpr = R // 2
+    mask_d = o_d < D
+    partner = tl.where(o_d < half, o_d + half, o_d - half)  # the channel each rotated one pairs with
+    in_rot = o_d < R
+    sign = tl.where(o_d < half, -1.0, 1.0)
+    b_x = tl.load(x + o_d, mask=mask_x & mask_d, other=0).to(tl.float32)
+    b_p = tl.load(x + partner, mask=mask_x & in_rot, other=0).to(tl.float32)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(ss / D + eps)
+        b_x = b_x * rstd * tl.load(weight + o_d, mask=mask_d, other=0).to(tl.float32)
+        b_p = b_p * rstd * tl.load(weight + partner, mask=in_rot, other=0).to(tl.float32)
+        b_x = b_x.to(dtype).to(tl.float32)
+        b_p = b_p.to(dtype).to(tl.float32)
+    angle = pos.to(tl.float32) * tl.load(inv_freq + o_d % half, mask=in_rot, other=0)
+    b_cos = tl.where(in_rot, tl.cos(angle), 1.0)
+    b_sin = tl.where(in_rot, tl.sin(angle), 0.0)
+    return b_x * b_cos + sign * b_p * b_sin  # channels past R: cos 1, sin 0
+
+
+@triton.jit
+def _rope_decode_attention_kernel(
+    q,  # [B, H, D], last dim contiguous
+    k,  # [B, KVH, D], last dim contiguous
+    v,  # [B, KVH, D], last dim contiguous
+    q_weight,  # [D] (unread without NORM)
+    k_weight,  # [D] (unread without NORM)
+    inv_freq,  # [R / 2] fp32
+    gate,  # [B, H, D], last dim contiguous (unread without GATE)
+    keys,  # [S, L, KVH, D], contiguous
+    values,  # [S, L, KVH, D], contiguous
+    positions,  # [B]
+    slot_ids,  # [B]; < 0: padding
+    out,  # [B, H, D], contiguous
+    part_acc,  # [B, H, NSPLIT, D] fp32 (unused with one split)
+    part_ml,  # [B, H, NSPLIT, 2] fp32 (unused with one split)
+    counters,  # [>= B * KVH] int32, zero between launches: splits done per (sequence, kv head)
+    stride_q_b,
+    stride_q_h,
+    stride_k_b,
+    stride_k_h,
+    stride_v_b,
+    stride_v_h,
+    stride_g_b,
+    stride_g_h,
+    max_len,
+    window,
+    eps,
+    scale_log2,
+    H: tl.constexpr,
+    KVH: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    G: tl.constexpr,
+    BG: tl.constexpr,
+    BD: tl.constexpr,
+    BL: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    NORM: tl.constexpr,
+    NR: tl.constexpr,  # rows a sum-of-squares tile (_sum_squares)
+    GATE: tl.constexpr,
+    F32: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    if PDL:  # the next kernel may launch now; it waits for us in its own gdc_wait
+        gdc_launch_dependents()
+    i_b = tl.program_id(0).to(tl.int64)
+    i_kv = tl.program_id(1)
+    i_s = tl.program_id(2)
+    slot = tl.load(slot_ids + i_b).to(tl.int64)  # copied in before the step: readable before gdc_wait
+    pos = tl.load(positions + i_b).to(tl.int64)
+    start, end = _split_keys(slot, pos, window, NSPLIT, i_s, BL)
+    # The split whose keys end at pos: it alone takes the new key and value (from registers) and stores them.
+    owner = (slot >= 0) & (start <= pos) & (pos < end)
+
+    o_g = tl.arange(0, BG)
+    o_d = tl.arange(0, BD)
+    mask_g = o_g < G
+    mask_d = o_d < D
+    heads = i_kv * G + o_g  # [BG] this program's query heads
+    row0 = tl.arange(0, 1)[:, None]  # [1, 1]: the new key's one row
+    if PDL:  # q, k, v come from the projection before
+        gdc_wait()
+    # This token's queries, keys and values as kernels/rope.py stores them (rounded to q's, keys' dtype)
+    # and decode_attention then loads them (to fp32 with F32, else to the buffers' dtype).
+    p_q = q + i_b * stride_q_b + i_kv * G * stride_q_h  # this program's first query head
+    p_k = k + i_b * stride_k_b + i_kv * stride_k_h
+    ss_q = tl.zeros([BG], dtype=tl.float32)
+    ss_k = tl.zeros([1], dtype=tl.float32)
+    if NORM:
+        ss_q = _sum_squares(p_q, stride_q_h, G, NR, BG, BD, D)
+        ss_k = _sum_squares(p_k, 0, 1, NR, 1, BD, D)
+    b_q = _norm_rope(p_q + o_g[:, None] * stride_q_h, o_d[None, :], mask_g[:, None], ss_q[:, None], q_weight, inv_freq,
+                     pos, eps, D, R, NORM, q.dtype.element_ty)  # [BG, BD]
+    b_q = b_q.to(q.dtype.element_ty).to(tl.float32 if F32 else keys.dtype.element_ty)
+    k_new = _norm_rope(p_k + row0, o_d[None, :], row0 == 0, ss_k[:, None], k_weight, inv_freq, pos, eps, D, R, NORM,
+                       q.dtype.element_ty).to(keys.dtype.element_ty)  # [1, BD]
+    v_new = tl.load(v + i_b * stride_v_b + i_kv * stride_v_h + o_d[None, :], mask=mask_d[None, :], other=0)
+    v_new = v_new.to(values.dtype.element_ty)
+
+    m = tl.full([BG], float("-inf"), dtype=tl.float32)
+    acc_l = tl.zeros([BG], dtype=tl.float32)
+    acc = tl.zeros([BG, BD], dtype=tl.float32)
+    base = slot * max_len * (KVH * D) + i_kv * D
+    last = start + tl.maximum(end - start - 1, 0) // BL * BL  # the block holding key end - 1 (pos in the owner's)
+    for block in range(start, last, BL):  # decode_attention's loop, but for the last block
+        o_l = block + tl.arange(0, BL)
+        mask_l = o_l < end
+        p_kv = base + o_l[:, None] * (KVH * D) + o_d[None, :]
+        m_kv = mask_l[:, None] & mask_d[None, :]
+        b_k = tl.load(keys + p_kv, mask=m_kv, other=0)  # [BL, BD]
+        b_v = tl.load(values + p_kv, mask=m_kv, other=0)
+        if F32:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        m, acc_l, acc = _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32)
+    if start < end:  # the last block: key pos (the owner's) from registers, never from the buffer
+        o_l = last + tl.arange(0, BL)
+        mask_l = o_l < end
+        new = ((o_l == pos) & mask_l)[:, None]
+        p_kv = base + o_l[:, None] * (KVH * D) + o_d[None, :]
+        m_kv = mask_l[:, None] & mask_d[None, :] & ~new
+        b_k = tl.where(new, k_new, tl.load(keys + p_kv, mask=m_kv, other=0))
+        b_v = tl.where(new, v_new, tl.load(values + p_kv, mask=m_kv, other=0))
+        if F32:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        m, acc_l, acc = _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32)
+    # No program of this launch reads the cell (slot, pos) (see rope_decode_attention), so the store may come last.
+    p_new = base + pos * (KVH * D) + o_d[None, :]
+    m_new = (o_d < tl.where(owner, D, 0))[None, :]
+    tl.store(keys + p_new, k_new, mask=m_new)
+    tl.store(values + p_new, v_new, mask=m_new)
+
+    m_o = mask_g[:, None] & mask_d[None, :]
+    if NSPLIT == 1:  # padding has sum 0 and acc 0: zeros out
+        b_o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+        _finish(b_o, gate, out, i_b, heads, o_d, m_o, stride_g_b, stride_g_h, H, D, GATE)
+    else:  # an empty split leaves max -inf and sum 0: it weighs nothing in the combination
+        row = (i_b * H + heads) * NSPLIT + i_s  # [BG]
+        tl.store(part_acc + row[:, None] * D + o_d[None, :], acc, mask=m_o)
+        tl.store(part_ml + row * 2, m, mask=mask_g)
+        tl.store(part_ml + row * 2 + 1, acc_l, mask=mask_g)
+        # The last split of (sequence, kv head) to get here combines them all, as _combine_splits_kernel does.
+        # The barrier puts every thread's partials before the release; the acquire makes every other
+        # split's visible to this program, whose loads go to L2 (.cg), past a stale L1.
+        tl.debug_barrier()
+        counter = counters + i_b * KVH + i_kv
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
+            row_s = (i_b * H + i_kv * G) * NSPLIT + tl.arange(0, NSPLIT)  # [NSPLIT] the first head's
+            for g in range(G):
+                b_m, b_l, b_acc = _load_partials(part_acc, part_ml, row_s + g * NSPLIT, o_d, D, ".cg")
+                _finish(_combine(b_m, b_l, b_acc), gate, out, i_b, i_kv * G + g + tl.arange(0, 1), o_d, mask_d[None, :],
+                        stride_g_b, stride_g_h, H, D, GATE)
+            tl.store(counter, 0)  # every split has counted: zero for the next launch (see rope_decode_attention)
 
 
 class LaunchConfig(NamedTuple):
@@ -250,4 +463,97 @@ def decode_attention(q: Tensor, gate: Tensor | None, keys: Tensor, values: Tenso
     if splits > 1:
         _combine_splits_kernel[(B, H)](gate_arg, out, part_acc, part_ml, *stride_g, H=H, D=D, BD=BD,
                                        NSPLIT=splits, GATE=gate is not None, PDL=use_pdl, num_warps=4, **pdl_kwargs)
+    return out
+
+
+# Per device: the split counters of rope_decode_attention, int32, zero between launches (the last split of
+# each (sequence, kv head) sets its counter back to 0). Allocated at the first call; a larger batch
+# replaces them with a larger buffer, outside CUDA graph capture only (the engine's warm-up runs every
+# decode size eagerly before capturing: engine/cuda_graphs.py). Replaced buffers stay allocated: a
+# graph captured earlier still points at them.
+_counters: dict[torch.device, Tensor] = {}
+_retired_counters: list[Tensor] = []
+_MIN_COUNTERS = 4096
+
+
+def _split_counters(n: int, device: torch.device) -> Tensor:
+    buf = _counters.get(device)
+    if buf is None or buf.numel() < n:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        assert not capturing, f"rope_decode_attention: {n} split counters needed during graph capture (warm up first)"
+        if buf is not None:
+            _retired_counters.append(buf)
+        buf = torch.zeros(max(_MIN_COUNTERS, triton.next_power_of_2(n)), dtype=torch.int32, device=device)
+        _counters[device] = buf
+    return buf
+
+
+def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
+                          eps: float, inv_freq: Tensor, positions: Tensor, slot_ids: Tensor, gate: Tensor | None,
+                          keys: Tensor, values: Tensor, window: int | None = None, scale: float | None = None,
+                          config: LaunchConfig | None = None) -> Tensor:
+    """A decode step's attention in one launch: kernels/rope.qk_norm_rope_store(q, k, v, q_weight, k_weight,
+    eps, inv_freq, positions, slot_ids, keys, values) then decode_attention(its q, gate, keys, values,
+    positions, slot_ids, window, scale, config) without the launches before and after the attention
+    (rope's, the combine's). Under the Triton interpreter: the same bits, output and buffers
+    (tests/test_kernels_decode_attention_fused.py).
+
+    q, gate: [B, H, D]; k, v: [B, KVH, D] (token and head strides free, last dim contiguous); one token a
+    sequence, so a token's slot is its sequence's: slot_ids [B] (< 0: padding, which stores nothing and
+    gets zeros). Returns [B, H, D] in q's dtype.
+
+    Every program (sequence, kv head, split) norms and rotates its G query heads and the kv head's new
+    key itself; the split whose keys end at the position (the one split holding it) uses the new key and
+    value from registers and stores them, after its reads. So no program reads a cell another writes,
+    provided no two sequences of the batch share a slot (padding may: entries on a scratch slot at one
+    position each write there, and read only their own key). With splits, the last split of a (sequence,
+    kv head) to finish (a counter per pair, counted with acq_rel atomics) combines them and sets the
+    counter back to 0. That reset is seen by the next launch that uses the counters: it is later on the
+    stream, and with PDL cannot pass its gdc_wait before every kernel between has passed its own, the
+    first of them after this one has finished (pdl.py); the counters are one buffer per device, so
+    launches using them must not run concurrently (one stream).
+
+    Seen on an H200 (Triton 3.6; 8 query heads, 2 kv heads, D 256, R 64, bf16 buffers of 640 positions),
+    against the three launches it replaces: keys and values the same bits in every call; the output too
+    but for one element in 5 of 60 calls (1 bf16 ulp: a sum added in another order). Per layer, in a CUDA
+    graph of 20: B = 1 (32 splits) 10.9 vs 7.4 us, B = 4 (16 splits) 21.2 vs 10.0, B = 32 (2 splits)
+    18.4 vs 16.3; without splits faster, B = 128 45.7 vs 53.1. Where it splits, ~4 us of it at B = 1
+    is the last split's combine: one program reading every split's partials, head by head."""
+    B, H, D = q.shape
+    KVH = k.shape[1]
+    R = 2 * inv_freq.shape[0]
+    assert k.shape == v.shape == (B, KVH, D) and H % KVH == 0, f"q {q.shape}, k {k.shape}, v {v.shape}"
+    assert (q_weight is None) == (k_weight is None), "norm both q and k or neither"
+    assert inv_freq.dim() == 1 and 0 < R <= D and inv_freq.dtype == torch.float32, f"inv_freq {inv_freq.shape}, D {D}"
+    assert keys.is_contiguous() and values.is_contiguous(), "key/value buffers must be contiguous"
+    assert keys.shape == values.shape and keys.shape[2:] == (KVH, D), f"keys {keys.shape}, k {k.shape}"
+    assert gate is None or gate.shape == q.shape, "gate: q's shape"
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if gate is not None and gate.stride(-1) != 1:
+        gate = gate.contiguous()
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    config = config or launch_config(B, KVH, keys.shape[1], q.device, keys.element_size())
+    splits = config.splits
+    assert splits & (splits - 1) == 0, "splits must be a power of two"
+    part_acc = part_ml = counters = out  # unread with one split
+    if splits > 1:
+        part_acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(B, H, splits, 2, dtype=torch.float32, device=q.device)
+        counters = _split_counters(B * KVH, q.device)
+    norm = q_weight is not None
+    stride_g = (gate.stride(0), gate.stride(1)) if gate is not None else (0, 0)
+    _rope_decode_attention_kernel[(B, KVH, splits)](
+        q, k, v, q_weight if norm else q, k_weight if norm else k, inv_freq.contiguous(),
+        gate if gate is not None else q, keys, values, positions, slot_ids, out, part_acc, part_ml, counters,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *stride_g,
+        keys.shape[1], window if window is not None else keys.shape[1] + 1, eps, (scale or D ** -0.5) * _LOG2E,
+        H=H, KVH=KVH, D=D, R=R, G=H // KVH, BG=max(16, triton.next_power_of_2(H // KVH)),
+        BD=triton.next_power_of_2(D), BL=config.block, NSPLIT=splits, NORM=norm,
+        NR=max(1, config.warps // (1 if D <= 128 else 2)),  # kernels/rope.py launches 1 warp, or 2 past D 128
+        GATE=gate is not None,
+        F32=keys.dtype == torch.float32 or keys.device.type == "cpu", PDL=pdl.enabled(q.device),
+        num_warps=config.warps, num_stages=config.stages, **pdl.launch_kwargs(q.device),
+    )
     return out

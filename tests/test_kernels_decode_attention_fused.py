@@ -1,0 +1,126 @@
+"""kernels/decode_attention.rope_decode_attention, under the Triton interpreter: bit for bit the two
+kernels it replaces (kernels/rope.qk_norm_rope_store, then decode_attention), output and key/value
+buffers, and close to the model's torch form."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU
+
+import pytest
+import torch
+
+from engine.models.attention import attend_decode
+from engine.models.layers import rms_norm
+from engine.models.rope import apply_rope, inverse_frequencies, rope_tables
+from kernels.decode_attention import LaunchConfig, decode_attention, rope_decode_attention
+from kernels.rope import qk_norm_rope_store
+
+S, L, KVH = 6, 70, 2
+
+
+def step(D, R, G, dtype, norm, gated, seed=0, positions=(0, 69, 33, 16, 47), slots=(4, 0, 2, 5, 1)):
+    """One decode step's inputs as the model has them: q, gate, k, v views into one qkv row per token,
+    the pool's buffers full of earlier (random) keys and values."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H = len(positions), G * KVH
+    qkv = torch.randn(B, 2 * H * D + 2 * KVH * D, generator=gen).to(dtype)
+    qg = qkv[:, :2 * H * D].view(B, H, 2 * D)
+    q, gate = qg[..., :D], (qg[..., D:] if gated else None)
+    k, v = qkv[:, 2 * H * D:].view(B, 2, KVH, D).unbind(1)
+    weights = (1 + 0.2 * torch.randn(2, D, generator=gen)).unbind(0) if norm else (None, None)
+    keys, values = torch.randn(2, S, L, KVH, D, generator=gen).to(dtype).unbind(0)
+    return dict(q=q, k=k, v=v, q_weight=weights[0], k_weight=weights[1], eps=1e-6,
+                inv_freq=inverse_frequencies(R, 10000.0, torch.device("cpu")), positions=torch.tensor(positions),
+                slot_ids=torch.tensor(slots), gate=gate, keys=keys, values=values)
+
+
+def two_kernels(a, window=None, scale=None, config=None):
+    """What rope_decode_attention replaces: the rope kernel's store, then decode attention."""
+    q = qk_norm_rope_store(a["q"], a["k"], a["v"], a["q_weight"], a["k_weight"], a["eps"], a["inv_freq"],
+                           a["positions"], a["slot_ids"], a["keys"], a["values"])
+    return decode_attention(q, a["gate"], a["keys"], a["values"], a["positions"], a["slot_ids"], window, scale, config)
+
+
+def cloned(a):
+    return {name: x.clone() if name in ("keys", "values") else x for name, x in a.items()}
+
+
+CASES = [  # head_dim, rotary dim, query heads per kv head, buffers, norm, gate, window, launch
+    (64, 32, 1, torch.float32, True, True, None, LaunchConfig(1, 16)),
+    (64, 64, 4, torch.float32, False, True, None, LaunchConfig(4, 16)),
+    (96, 64, 4, torch.bfloat16, True, True, None, LaunchConfig(4, 16)),
+    (96, 32, 1, torch.bfloat16, True, False, 5, LaunchConfig(2, 16)),
+    (64, 32, 4, torch.bfloat16, False, False, 40, LaunchConfig(1, 32)),
+    (64, 48, 4, torch.float32, True, True, 20, LaunchConfig(8, 16)),
+    (96, 64, 1, torch.float32, True, True, None, LaunchConfig(16, 16)),  # more splits than blocks: some empty
+]
+
+
+@pytest.mark.parametrize("D,R,G,dtype,norm,gated,window,config", CASES)
+def test_rope_decode_attention_is_the_two_kernels_bit_for_bit(D, R, G, dtype, norm, gated, window, config):
+    a = step(D, R, G, dtype, norm, gated, seed=D + G)
+    ref = cloned(a)
+    out = rope_decode_attention(**a, window=window, config=config)
+    expected = two_kernels(ref, window, config=config)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert torch.equal(out, expected)
+    assert torch.equal(a["keys"], ref["keys"]) and torch.equal(a["values"], ref["values"])
+
+
+def test_rope_decode_attention_takes_a_scale_and_picks_its_own_launch():
+    a = step(64, 32, 4, torch.bfloat16, True, True, seed=3)
+    ref = cloned(a)
+    out = rope_decode_attention(**a, scale=0.3)
+    assert torch.equal(out, two_kernels(ref, scale=0.3))
+    assert torch.equal(a["keys"], ref["keys"]) and torch.equal(a["values"], ref["values"])
+
+
+@pytest.mark.parametrize("config", [LaunchConfig(1, 16), LaunchConfig(4, 16)])
+def test_padded_entries_write_no_cell_and_get_zeros(config):
+    # slot id -1: nothing of the token is stored, its output is zero, and the real rows are as without it
+    a = step(64, 32, 4, torch.float32, True, True, seed=5)
+    a["slot_ids"] = torch.tensor([4, -1, 2, -1, 1])
+    real = a["slot_ids"] >= 0
+    ref = cloned(a)
+    # The buffers as views one slot into a larger one: a store at slot -1 would land in the guard row.
+    guarded = torch.cat([torch.zeros(2, 1, L, KVH, 64), torch.stack([a["keys"], a["values"]])], dim=1)
+    a["keys"], a["values"] = guarded[0, 1:], guarded[1, 1:]
+    out = rope_decode_attention(**a, config=config)
+    q = torch.zeros_like(a["q"])
+    q[real] = qk_norm_rope_store(a["q"][real], a["k"][real], a["v"][real], a["q_weight"], a["k_weight"], a["eps"],
+                                 a["inv_freq"], a["positions"][real], a["slot_ids"][real], ref["keys"], ref["values"])
+    expected = decode_attention(q, a["gate"], ref["keys"], ref["values"], a["positions"], a["slot_ids"], config=config)
+    assert torch.equal(out[~real], torch.zeros_like(out[~real]))
+    assert torch.equal(out, expected)
+    assert torch.equal(a["keys"], ref["keys"]) and torch.equal(a["values"], ref["values"])
+    assert torch.equal(guarded[:, 0], torch.zeros_like(guarded[:, 0]))
+
+
+def test_consecutive_steps_find_the_split_counters_reset():
+    # The last split of each (sequence, kv head) combines and zeroes its counter: a second launch (the
+    # next layer, a graph replay) combines again; were a counter left counted, its outputs would not be stored.
+    config = LaunchConfig(4, 16)
+    a = step(64, 32, 4, torch.bfloat16, True, True, seed=9, positions=(5, 40, 12, 66, 21))
+    ref = cloned(a)
+    for shift in range(2):
+        a["positions"] = ref["positions"] = a["positions"] + shift
+        a["q"] = ref["q"] = a["q"] * 1.5
+        out = rope_decode_attention(**a, config=config)
+        assert torch.equal(out, two_kernels(ref, config=config))
+    assert torch.equal(a["keys"], ref["keys"]) and torch.equal(a["values"], ref["values"])
+
+
+def test_rope_decode_attention_matches_the_torch_form():
+    a = step(96, 64, 4, torch.float32, True, True, seed=11)
+    keys, values = a["keys"].clone(), a["values"].clone()
+    out = rope_decode_attention(**a, window=30, config=LaunchConfig(4, 16))
+
+    positions, slots = a["positions"], a["slot_ids"]
+    cos, sin = rope_tables(positions, 64, 10000.0)
+    q = apply_rope(rms_norm(a["q"], a["q_weight"], 1e-6), cos, sin)
+    keys[slots, positions] = apply_rope(rms_norm(a["k"], a["k_weight"], 1e-6), cos, sin)
+    values[slots, positions] = a["v"]
+    ref = attend_decode(q, positions, keys, values, slots, L, 30) * torch.sigmoid(a["gate"])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["keys"], keys, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a["values"], values)
