@@ -51,14 +51,29 @@ def _ring_conv(b_x, weight, ring, pos, o_d, mask_d, live, W: tl.constexpr, TAPS:
     input is b_x ([BD] fp32), before bias and activation, in fp32. ring: the slot's [D, W] taps,
     read only (cells of positions pos-W+1 .. pos-1, those >= 0); live: [BD] int1, the channels
     whose taps are read (padding: none; the result is then meaningless and the caller drops it)."""
-    acc = b_x * tl.load(weight + o_d * W + (W - 1), mask=mask_d, other=0).to(tl.float32)
+    s, w, w_last = _ring_taps(weight, ring, pos, o_d, mask_d, live, W, TAPS)
+    return _taps_conv(b_x, s, w, w_last)
+
+
+@triton.jit
+def _ring_taps(weight, ring, pos, o_d, mask_d, live, W: tl.constexpr, TAPS: tl.constexpr):
+    """What _ring_conv reads besides the token's input: (the earlier inputs [TAPS, BD], their weights
+    [TAPS, BD], the token's own weight [BD]). None of it is this step's output, so a decode kernel may
+    load it before its gdc_wait (kernels/pdl.py) and finish with _taps_conv after."""
+    w_last = tl.load(weight + o_d * W + (W - 1), mask=mask_d, other=0)
     o_j = tl.arange(0, TAPS)
     p_j = pos - (W - 1) + o_j  # [TAPS] the positions tap j reads
     mask_j = (o_j < W - 1) & (p_j >= 0)
     cell = tl.where(p_j >= 0, p_j, 0) % W
     s = tl.load(ring + o_d[None, :] * W + cell[:, None], mask=mask_j[:, None] & live[None, :], other=0)
     w = tl.load(weight + o_d[None, :] * W + o_j[:, None], mask=(o_j < W - 1)[:, None] & mask_d[None, :], other=0)
-    return acc + tl.sum(s.to(tl.float32) * w.to(tl.float32), 0)
+    return s, w, w_last
+
+
+@triton.jit
+def _taps_conv(b_x, s, w, w_last):
+    """_ring_conv from its loads (_ring_taps) and the token's input b_x ([BD] fp32)."""
+    return b_x * w_last.to(tl.float32) + tl.sum(s.to(tl.float32) * w.to(tl.float32), 0)
 
 
 @triton.jit

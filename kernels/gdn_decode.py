@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import pdl
-from kernels.conv import _MAX_WIDTH, _conv_step, _silu, check_conv_pool
+from kernels.conv import _MAX_WIDTH, _conv_step, _ring_store, _ring_taps, _silu, _taps_conv, check_conv_pool
 from kernels.pdl import gdc_launch_dependents, gdc_wait
 from kernels.recurrent import _gates, _num_sms, _update_loaded_tile, _update_tile
 
@@ -46,6 +46,15 @@ def _conv_silu(x_row, weight, ring, pos, o_d, mask_d, live, W: tl.constexpr, TAP
                dtype: tl.constexpr):
     """SiLU(conv) of channels o_d, rounded to `dtype` as the unfused conv's output is, in fp32."""
     return _silu(_conv_step(x_row, weight, ring, pos, o_d, mask_d, live, W, TAPS)).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _conv_silu_taps(x_row, ring, pos, o_d, mask_d, live, s, w, w_last, W: tl.constexpr, dtype: tl.constexpr):
+    """_conv_silu with the taps already loaded (kernels/conv.py _ring_taps): the same bits."""
+    b_x = tl.load(x_row + o_d, mask=mask_d, other=0)
+    acc = _taps_conv(b_x.to(tl.float32), s, w, w_last)
+    _ring_store(b_x, ring, pos, o_d, live, W)
+    return _silu(acc).to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -115,13 +124,22 @@ def _conv_decode_norm_kernel(
         b_A_log = tl.load(A_log + i_h).to(tl.float32)
         b_dt_bias = tl.load(dt_bias + i_h).to(tl.float32)
         b_nw = tl.load(norm_weight + o_v0, mask=mask_v0, other=0).to(tl.float32)
+        # The conv's earlier taps too (written by this layer's kernel in earlier steps only): after the
+        # wait only this token's q, k, v are read, from L2, where the ring's cells came from memory.
+        c_q, c_k, c_v0 = i_h * K + o_k, H * K + i_h * K + o_k, 2 * H * K + i_h * V + o_v0
+        live_v0 = mask_v0 & ((o_v0 * 0 + slot_id) >= 0)
+        s_q, w_q, last_q = _ring_taps(conv_weight, ring, pos, c_q, mask_k, live_k, W, TAPS)
+        s_k, w_k, last_k = _ring_taps(conv_weight, ring, pos, c_k, mask_k, live_k, W, TAPS)
+        s_v, w_v, last_v = _ring_taps(conv_weight, ring, pos, c_v0, mask_v0, live_v0, W, TAPS)
     if PDL:  # everything below reads the kernel before's outputs
         gdc_wait()
     if PRELOAD:  # the output gate's load goes out with the conv's, not after the state update
         b_z0 = tl.load(z + i_n * stride_z_n + i_h * stride_z_h + o_v0, mask=mask_v0, other=0).to(tl.float32)
-
-    b_q = _conv_silu(x_row, conv_weight, ring, pos, i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
-    b_k = _conv_silu(x_row, conv_weight, ring, pos, H * K + i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
+        b_q = _conv_silu_taps(x_row, ring, pos, c_q, mask_k, live_k, s_q, w_q, last_q, W, dtype)
+        b_k = _conv_silu_taps(x_row, ring, pos, c_k, mask_k, live_k, s_k, w_k, last_k, W, dtype)
+    else:
+        b_q = _conv_silu(x_row, conv_weight, ring, pos, i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
+        b_k = _conv_silu(x_row, conv_weight, ring, pos, H * K + i_h * K + o_k, mask_k, live_k, W, TAPS, dtype)
     if USE_QK_L2NORM:
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
@@ -132,10 +150,9 @@ def _conv_decode_norm_kernel(
         # with the rounding of the two-pass form below (o to x's dtype first).
         decay, beta = _gates(tl.load(a + i_n * stride_a_n + i_h).to(tl.float32),
                              tl.load(b + i_n * stride_b_n + i_h).to(tl.float32), b_A_log, b_dt_bias)
-        live_v = mask_v0 & ((o_v0 * 0 + slot_id) >= 0)
-        b_v = _conv_silu(x_row, conv_weight, ring, pos, 2 * H * K + i_h * V + o_v0, mask_v0, live_v, W, TAPS, dtype)
+        b_v = _conv_silu_taps(x_row, ring, pos, c_v0, mask_v0, live_v0, s_v, w_v, last_v, W, dtype)
         b_o = _update_loaded_tile(b_s0, p_s0, mask_s0, b_q, b_k, b_v, decay, beta)
-        b_o = tl.where(live_v, b_o, 0.0).to(dtype).to(tl.float32)
+        b_o = tl.where(live_v0, b_o, 0.0).to(dtype).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(b_o * b_o) / V + eps)
         tl.store(y + (i_n * HV + i_h) * V + o_v0, (b_o * rstd * b_nw * _silu(b_z0)).to(dtype), mask=mask_v0)
         return
