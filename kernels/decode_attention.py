@@ -473,6 +473,17 @@ def decode_attention(q: Tensor, gate: Tensor | None, keys: Tensor, values: Tenso
 # graph captured earlier still points at them.
 _counters: dict[torch.device, Tensor] = {}
 _retired_counters: list[Tensor] = []
+# Whether a decode step's attention takes rope_decode_attention where it launches one split per (sequence,
+# kv head) (fuses_rope); read at every forward, so a benchmark can time both (graphs keep the path taken).
+FUSE_ROPE = True
+
+
+def fuses_rope(B: int, KVH: int, max_len: int, device: torch.device, elem_bytes: int = 2) -> bool:
+    """Whether B sequences' decode attention runs as rope_decode_attention: where launch_config gives one
+    split, the only case it was faster than the three launches on an H200 (see its docstring)."""
+    return FUSE_ROPE and launch_config(B, KVH, max_len, device, elem_bytes).splits == 1
+
+
 _MIN_COUNTERS = 4096
 
 

@@ -124,3 +124,48 @@ def test_rope_decode_attention_matches_the_torch_form():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a["keys"], keys, atol=1e-5, rtol=1e-5)
     assert torch.equal(a["values"], values)
+
+
+def test_fuses_rope_where_the_launch_has_one_split(monkeypatch):
+    """The engine takes the one launch where launch_config gives one split (B = 128 of the bench model's 2 kv
+    heads over 640 positions), not where it splits (B = 1), and never with FUSE_ROPE off."""
+    from kernels import decode_attention as da
+
+    cpu = torch.device("cpu")  # launch_config counts 132 multiprocessors off CUDA
+    assert da.launch_config(128, 2, 640, cpu).splits == 1 and da.fuses_rope(128, 2, 640, cpu)
+    assert da.launch_config(1, 2, 640, cpu).splits > 1 and not da.fuses_rope(1, 2, 640, cpu)
+    monkeypatch.setattr(da, "FUSE_ROPE", False)
+    assert not da.fuses_rope(128, 2, 640, cpu)
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory):
+    from hybrid_steps import load_qwen_pair
+    return load_qwen_pair(tmp_path_factory.mktemp("qwen3_5_rope_attention"), seed=11)
+
+
+def test_decode_steps_with_one_split_take_the_one_launch_and_compute_the_same(qwen_pair, monkeypatch):
+    """A tiny Qwen3.5 hybrid's padded decode steps with one split a sequence: the attention layer runs
+    rope_decode_attention, and every step's logits and the real slots' keys and values are those of the
+    three launches; the prefill and the mixed step are untouched (they never take it)."""
+    from hybrid_steps import prefill_decode_mixed
+    from kernels import decode_attention as da
+
+    monkeypatch.setattr(da, "launch_config", lambda *args, **kwargs: LaunchConfig(1, 16, 4, 2))
+    calls = []
+    fused = da.rope_decode_attention
+    monkeypatch.setattr(da, "rope_decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or fused(*a, **k))
+    model = qwen_pair[1]
+    got, pool = prefill_decode_mixed(model)
+    attention_layers = sum(keys is not None for keys in pool.keys)
+    assert attention_layers > 0 and calls == [4] * 3 * attention_layers  # three decode steps, padded to 4
+    monkeypatch.setattr(da, "FUSE_ROPE", False)
+    calls.clear()
+    want, want_pool = prefill_decode_mixed(model)
+    assert not calls
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    real = [0, 1, 2]  # the scenario's slots; the padded row's scratch slot is written by the rope kernel only
+    for keys, want_keys in zip(pool.keys + pool.values, want_pool.keys + want_pool.values):
+        if keys is not None:
+            assert torch.equal(keys[real], want_keys[real])

@@ -230,9 +230,15 @@ class Attention(nn.Module):
         positions = batch.positions
         keys, values = pool.keys[layer], pool.values[layer]  # [slots, max_len, kv_heads, d]
         if self.backend == "triton":
+            from kernels import decode_attention
             from kernels.rope import qk_norm_rope_store
             norms = (self.q_norm, self.k_norm) if s.qk_norm else (None, None)
             inv_freq = inverse_frequencies(s.rotary_dim, s.rope_theta, x.device)
+            if batch.decode_only and decode_attention.fuses_rope(T, s.num_kv_heads, keys.shape[1], x.device,
+                                                                 keys.element_size()):
+                out = decode_attention.rope_decode_attention(q, k, v, *norms, self.norm_eps, inv_freq, positions,
+                                                             batch.slot_ids, gate, keys, values, s.window)
+                return project(out.view(T, s.num_heads * s.head_dim), self.o_proj, decode, residual=True)
             q = qk_norm_rope_store(q, k, v, *norms, self.norm_eps, inv_freq, positions, batch.token_slots,
                                    keys, values)
         else:
@@ -243,8 +249,7 @@ class Attention(nn.Module):
             keys[batch.token_slots, positions] = k
             values[batch.token_slots, positions] = v
         if batch.decode_only and self.backend == "triton":  # reads the buffers in place, applies the gate
-            from kernels.decode_attention import decode_attention
-            out = decode_attention(q, gate, keys, values, positions, batch.slot_ids, s.window)
+            out = decode_attention.decode_attention(q, gate, keys, values, positions, batch.slot_ids, s.window)
             return project(out.view(T, s.num_heads * s.head_dim), self.o_proj, decode, residual=True)
         if batch.decode_only:
             length = batch.attn_len or max(batch.starts) + 1
