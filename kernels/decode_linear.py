@@ -12,10 +12,7 @@ bits every run) and applies the epilogue.
 
 A caller that adds y into something next (a block's residual stream: the out, o and down projections,
 whose add_rms_norm follows) may take the partial products themselves (`partial`, a SplitK) and leave the
-sum to that kernel (kernels/norm.py rms_norm), in the same order and rounding: one launch fewer. Where the
-projection after that norm is ours too, the norm needs no launch of its own (FOLD_NORM_SPLITK): the split
-launch's last program of each tile sums, adds and stores the residual stream with its sums of squares, and
-the next launch normalises its operand as it loads it.
+sum to that kernel (kernels/norm.py rms_norm), in the same order and rounding: one launch fewer.
 
 Epilogues: none (y in x's dtype), or `silu`: W's rows are [gate | up] (the SwiGLU MLP's gate_up)
 and y = silu(x @ Wg^T) * (x @ Wu^T), [M, N / 2]: a program's BN weight rows are BN / 2 gate rows
@@ -74,14 +71,10 @@ def block_m(M: int) -> int:
 # M changes with the batch: unspecialised, so one compiled kernel serves every M of one block_m.
 @triton.jit(do_not_specialize=["M"])
 def _decode_linear_kernel(
-    x,  # [M, K], last dim contiguous; with NORM the residual stream s the operand is the norm of
+    x,  # [M, K], last dim contiguous
     w,  # [N, K], last dim contiguous; with SILU rows [gate (HALF) | up (HALF)]
-    y,  # [M, N] (or [M, HALF] with SILU), last dim contiguous; unwritten with PARTIAL, s with FINISH
+    y,  # [M, N] (or [M, HALF] with SILU), last dim contiguous; unwritten with PARTIAL
     part,  # [split, M, N] fp32, contiguous; written only with PARTIAL
-    res,  # FINISH: [M, N] the residual stream y is added to, last dim contiguous
-    sumsq,  # FINISH writes, NORM reads: [T, M] fp32, each row's sum of squares of s over one tile of columns
-    counters,  # FINISH: int32, one per (pid_m, pid_n) tile, zero between launches
-    norm_w,  # NORM: [K] the norm's weight
     M,
     N,
     K,
@@ -90,18 +83,12 @@ def _decode_linear_kernel(
     stride_xm,
     stride_wn,
     stride_ym,
-    stride_rm,
-    eps,
     BN: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
     EVEN_K: tl.constexpr,
     SILU: tl.constexpr,
     PARTIAL: tl.constexpr,
-    FINISH: tl.constexpr,  # with PARTIAL: the tile's last program sums the splits, adds res, stores s and sumsq
-    SPLIT: tl.constexpr,  # FINISH: programs over K (the grid's second dim; 1 otherwise)
-    NORM: tl.constexpr,  # the operand is rms_norm(x) * norm_w, x's sums of squares from sumsq
-    TILES: tl.constexpr,  # NORM: sumsq's rows (1 otherwise)
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,  # 128-byte lines of each weight row to pull into L2 before gdc_wait (0: none)
@@ -135,11 +122,6 @@ def _decode_linear_kernel(
         prefetch_l2(w + w_row.to(tl.int64)[:, None] * stride_wn + o_line[None, :])
     if PDL:  # nothing is read or written before the kernel before us is done
         gdc_wait()
-    if NORM:  # as kernels/norm.py's _rms_norm_kernel, but the row's sum of squares arrives in T tile partials
-        ss = tl.zeros([BM], dtype=tl.float32)
-        for t in tl.static_range(TILES):  # unrolled, so the loads are in flight together; a fixed order
-            ss += tl.load(sumsq + t * M + x_row)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)  # [BM]
     p_w = w + w_row.to(tl.int64)[:, None] * stride_wn + (k_lo + o_k)[None, :]  # [BN, BK]
     p_x = x + x_row.to(tl.int64)[None, :] * stride_xm + (k_lo + o_k)[:, None]  # [BK, BM]: x^T
     acc = tl.zeros([BN, BM], dtype=tl.float32)
@@ -151,12 +133,6 @@ def _decode_linear_kernel(
             k_ok = k + o_k < K
             b_w = tl.load(p_w, mask=k_ok[None, :], other=0)
             b_x = tl.load(p_x, mask=k_ok[:, None], other=0)
-        if NORM:  # the normed operand, rounded to x's dtype as the norm kernel's output is
-            if EVEN_K:
-                b_g = tl.load(norm_w + k + o_k).to(tl.float32)
-            else:
-                b_g = tl.load(norm_w + k + o_k, mask=k + o_k < K, other=0).to(tl.float32)
-            b_x = (b_x.to(tl.float32) * rstd[None, :] * b_g[:, None]).to(x.dtype.element_ty)
         if IEEE:  # fp32 inputs, or any on the CPU (the interpreter multiplies bf16 operands wrongly)
             acc = tl.dot(b_w.to(tl.float32), b_x.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -167,9 +143,6 @@ def _decode_linear_kernel(
     if PARTIAL:  # raw products by weight row; _reduce_kernel sums the splits and applies the epilogue
         p_p = part + (pid_s * M + o_m.to(tl.int64))[None, :] * N + w_row[:, None]
         tl.store(p_p, acc, mask=row_ok[:, None] & m_ok[None, :])
-        if FINISH:
-            _finish_tile(part, y, res, sumsq, counters + pid_m * tl.num_programs(0) + pid_n, o_c, o_m,
-                         row_ok[:, None] & m_ok[None, :], pid_n, M, N, stride_ym, stride_rm, BN, BM, SPLIT)
     elif SILU:
         g, u = tl.split(tl.permute(tl.reshape(acc, [2, BN // 2, BM]), [1, 2, 0]))  # [BN/2, BM] each
         b_y = g / (1.0 + tl.exp(-g)) * u
@@ -179,35 +152,6 @@ def _decode_linear_kernel(
     else:
         p_y = y + o_m.to(tl.int64)[None, :] * stride_ym + o_c[:, None]
         tl.store(p_y, acc.to(y.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
-
-
-@triton.jit
-def _finish_tile(part, y, res, sumsq, counter, o_c, o_m, mask, pid_n, M, N, stride_ym, stride_rm,
-                 BN: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr):
-    """FINISH: the last of a tile's SPLIT programs to get here sums their partial products (o_c: the tile's
-    [BN] columns of y, o_m: its [BM] rows) and does add_rms_norm's add; see finish()."""
-    # Every thread's partial store is issued before the count (the barrier), and the count releases them to
-    # the tile's last program, which acquires them: CUTLASS's split-K semaphore, with one atomic in place of
-    # its fence and store (Triton runs a scalar atomic on one thread and hands all threads its result).
-    tl.debug_barrier()
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-        # as _reduce_kernel and kernels/norm.py's _rms_norm_kernel: from zero, splits in order, one rounding;
-        # .cg: the other programs' tiles are in L2, never in this SM's L1
-        b_d = tl.zeros([BN, BM], dtype=tl.float32)
-        for i_s in tl.static_range(SPLIT):  # unrolled: the loads in flight together
-            p_p = part + (i_s * M + o_m.to(tl.int64))[None, :] * N + o_c[:, None]
-            b_d += tl.load(p_p, mask=mask, other=0, cache_modifier=".cg")
-        b_d = b_d.to(y.dtype.element_ty)
-        b_r = tl.load(res + o_m.to(tl.int64)[None, :] * stride_rm + o_c[:, None], mask=mask, other=0)
-        b_s = (b_r.to(tl.float32) + b_d.to(tl.float32)).to(y.dtype.element_ty, fp_downcast_rounding="rtne")
-        tl.store(y + o_m.to(tl.int64)[None, :] * stride_ym + o_c[:, None], b_s, mask=mask)
-        b_s = b_s.to(tl.float32)  # masked entries are 0 + 0
-        tl.store(sumsq + pid_n * M + o_m, tl.sum(b_s * b_s, 0), mask=o_m < M)
-        # Back to zero for the next launch (and every CUDA graph replay): every program of this tile has
-        # counted already. The next kernel to use the counters is a later FINISH launch, whose gdc_wait
-        # returns only once this kernel has finished and its writes are visible (kernels/pdl.py: each kernel
-        # between waits for the one before it).
-        tl.store(counter, 0)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -242,71 +186,43 @@ def _reduce_kernel(
     tl.store(y + i_m * stride_ym + o_n, acc.to(y.dtype.element_ty), mask=mask)
 
 
-def k_split(K: int, cfg: LinearConfig) -> tuple[int, int, int]:
-    """(BK, programs over K, K each covers: a multiple of BK) of a launch of cfg: BK within K, no empty splits."""
+def linear(x: Tensor, w: Tensor, config: LinearConfig | None = None, silu: bool = False,
+           out: Tensor | None = None, partial: bool = False) -> Tensor | SplitK:
+    """x @ w.T, or with `silu` silu(x @ w[:N/2].T) * (x @ w[N/2:].T).
+
+    x: [M, K] (row stride free, last dim contiguous); w: [N, K] (likewise), x's dtype.
+    config: the launch shape (default: pick's, else LinearConfig()). out: where to write y (rows free,
+    last dim contiguous), else a new tensor. partial (not with silu or out): where the launch splits K,
+    return the SplitK partial products instead of reducing them.
+    Returns y: [M, N] (with silu [M, N / 2]) in x.dtype, or a SplitK.
+    Graph-safe: no host sync; the partial buffer of a split launch comes from torch's allocator.
+    """
+    assert not partial or (not silu and out is None), "partial: a plain projection into a new tensor"
+    x, w, out = decode_gemv.operands(x, w, silu, out)
+    M, K = x.shape
+    N = w.shape[0]
+    width = out.shape[1]
+    if M == 0:
+        return out
+    cfg = config or measured(M, N, K, silu)[1] or default_config(M, N, K, silu)
+    BM = block_m(M)
     bk = min(cfg.bk, max(16, triton.next_power_of_2(K)))
     k_blocks = triton.cdiv(K, bk)
     split = max(1, min(cfg.split, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split) * bk
-    return bk, triton.cdiv(K, k_per_split), k_per_split
-
-
-def linear(x: Tensor | PendingTileNorm, w: Tensor, config: LinearConfig | None = None, silu: bool = False,
-           out: Tensor | None = None, partial: bool = False, residual: Tensor | None = None):
-    """x @ w.T, or with `silu` silu(x @ w[:N/2].T) * (x @ w[N/2:].T).
-
-    x: [M, K] (row stride free, last dim contiguous), or a PendingTileNorm whose normed rows are the operand;
-    w: [N, K] (likewise), x's dtype. config: the launch shape (default: pick's, else LinearConfig()). out:
-    where to write y (rows free, last dim contiguous), else a new tensor. partial (not with silu or out): where
-    the launch splits K, return the SplitK partial products instead of reducing them. residual ([M, N], x's
-    dtype, last dim contiguous; only where the launch splits K, not with silu or out): add_rms_norm's add and
-    half its norm here (see finish).
-    Returns y: [M, N] (with silu [M, N / 2]) in x.dtype, or a SplitK; with residual (s = residual + y rounded
-    as kernels/norm.py does: [M, N], sumsq: [tiles, M] fp32, each row's sum of s^2 over one tile's columns).
-    Graph-safe: no host sync; the partial buffer of a split launch comes from torch's allocator.
-    """
-    assert not partial or (not silu and out is None), "partial: a plain projection into a new tensor"
-    assert residual is None or (not silu and out is None), "residual: a plain projection into a new tensor"
-    norm = x if isinstance(x, PendingTileNorm) else None
-    x, w, out = decode_gemv.operands(norm.s if norm is not None else x, w, silu, out)
-    M, K = x.shape
-    N = w.shape[0]
-    width = out.shape[1]
-    cfg = config or measured(M, N, K, silu)[1] or default_config(M, N, K, silu)
-    bk, split, k_per_split = k_split(K, cfg)
+    split = triton.cdiv(K, k_per_split)  # no empty splits
     tiles_n = triton.cdiv(width, cfg.bn // 2) if silu else triton.cdiv(N, cfg.bn)
-    sumsq = counters = None
-    if residual is not None:
-        assert split > 1, "residual: the tile's last split program adds it"
-        assert residual.shape == (M, N) and residual.dtype == x.dtype and residual.stride(-1) == 1, \
-            f"residual {tuple(residual.shape)} {residual.dtype}: y's shape and dtype, contiguous rows"
-        sumsq = torch.empty(tiles_n, M, dtype=torch.float32, device=x.device)
-    if M == 0:
-        return out if residual is None else (out, sumsq)
-    if norm is not None:
-        assert norm.sumsq.shape[1] == M and norm.sumsq.is_contiguous() and norm.weight.shape == (K,)
-    BM = block_m(M)
     grid = (tiles_n, split, triton.cdiv(M, BM))
-    if residual is not None:
-        counters = tile_counters(x.device, tiles_n * grid[2])
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
     use_pdl = pdl.enabled(x.device)
     launch = pdl.launch_kwargs(x.device)
     prefetch = prefetch_lines(M, w, min(k_per_split, K), split) if use_pdl else 0
     _decode_linear_kernel[grid](
-        x, w, out, part, x if residual is None else residual,  # x: a stand-in where the mode reads none
-        norm.sumsq if norm is not None else (x if sumsq is None else sumsq), x if counters is None else counters,
-        x if norm is None else norm.weight,
-        M, N, K, N // 2 if silu else 0, k_per_split, x.stride(0), w.stride(0), out.stride(0),
-        0 if residual is None else residual.stride(0), 0.0 if norm is None else norm.eps,
-        BN=cfg.bn, BM=BM, BK=bk, EVEN_K=K % bk == 0, SILU=silu, PARTIAL=split > 1, FINISH=residual is not None,
-        SPLIT=split if residual is not None else 1, NORM=norm is not None,
-        TILES=1 if norm is None else norm.sumsq.shape[0], IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
-        PDL=use_pdl,
-        PREFETCH=prefetch, num_warps=cfg.warps, num_stages=cfg.stages, **launch,
+        x, w, out, part, M, N, K, N // 2 if silu else 0, k_per_split, x.stride(0), w.stride(0), out.stride(0),
+        BN=cfg.bn, BM=BM, BK=bk, EVEN_K=K % bk == 0, SILU=silu, PARTIAL=split > 1,
+        IEEE=x.dtype == torch.float32 or x.device.type == "cpu", PDL=use_pdl, PREFETCH=prefetch,
+        num_warps=cfg.warps, num_stages=cfg.stages, **launch,
     )
-    if residual is not None:
-        return out, sumsq
     if split > 1 and partial:
         return SplitK(part, x.dtype)
     if split > 1:
@@ -316,95 +232,6 @@ def linear(x: Tensor | PendingTileNorm, w: Tensor, config: LinearConfig | None =
             num_warps=4, **launch,
         )
     return out
-
-
-# ---- add_rms_norm split over the projections either side of it -------------------------------------------
-
-# In a decode step a residual projection (out, o, down) whose K is split hands its products to add_rms_norm,
-# whose output the next block's first projection (in, qkv, gate_up) reads: between them a norm launch and two
-# dependent boundaries (49 norms were 0.13 ms of a 1.23 ms step at B = 32 on an H100/H200). Folded: the
-# projection's last program of each output tile sums the splits, adds the residual stream and stores s and its
-# rows' sums of squares over the tile (FINISH), and the next projection, ours too, normalises each x tile it
-# loads (NORM). s is bit for bit the unfolded s; the normed operand differs from the norm kernel's only in the
-# order its sum of squares is added up in fp32. The final norm stays a launch: HybridLM.forward returns the
-# normed hidden states before anything says the LM head reads them. Read at every forward
-# (engine/models/layers.py folds_norm), so a benchmark may flip it between graph captures.
-# Off: slower on an H200 (2026-11-28, 0.65B-shaped random model, graphed decode step, PDL on): B = 16 0.998 ->
-# 1.058 ms, B = 32 1.138 -> 1.209. The norm launch it saves cost ~2.5 us in a chain, but the NORM reader pays
-# ~2 us (in_proj at M = 16-32: 4.5-4.8 -> 7.0-7.5 us; with the x tile transform alone 6.6, the sumsq loads
-# alone free): the normalised x tile goes through registers to shared memory before each MMA, where a plain
-# tile streams straight in (neither loading the x tiles a step ahead by hand nor in [BM, BK] order made it
-# faster); FINISH adds ~1.5-2 us to the split launch (the last program's sum of the splits).
-FOLD_NORM_SPLITK = False
-
-
-class DeferredProjection(NamedTuple):
-    """A residual projection not launched yet (project with partial, FOLD_NORM_SPLITK on and the launch splitting
-    K): the add_rms_norm it goes into launches it, either doing the add itself (finish) or as a SplitK (splitk).
-    Nothing runs between the two, so the stream's order is what launching it in project would give."""
-    x: Tensor  # [M, K]
-    w: Tensor  # [N, K]
-    config: LinearConfig
-
-    def splitk(self) -> SplitK:
-        """The projection as project(partial=True) would have returned it."""
-        return linear(self.x, self.w, self.config, partial=True)
-
-
-class PendingTileNorm(NamedTuple):
-    """rms_norm(s) * weight (kernels/norm.py) not computed yet, for the one projection of ours that reads it
-    (linear's x): s is the residual stream a FINISH launch wrote, sumsq its rows' sums of squares in per-tile
-    parts. shape, dtype and device are s's, so a layer can take it where it takes a tensor."""
-    s: Tensor  # [M, K]
-    sumsq: Tensor  # [T, M] fp32, contiguous
-    weight: Tensor  # [K]
-    eps: float
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.s.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.s.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.s.device
-
-
-def finish(delta: DeferredProjection, x: Tensor, weight: Tensor, eps: float) -> tuple[PendingTileNorm, Tensor]:
-    """add_rms_norm(x, delta) with the norm left to the projection that reads it (reads_folded_norm): launches
-    delta's projection in FINISH mode. x: [M, N] the residual stream. Returns (the pending norm, s = x + delta)."""
-    s, sumsq = linear(delta.x, delta.w, delta.config, residual=x if x.stride(-1) == 1 else x.contiguous())
-    return PendingTileNorm(s, sumsq, weight, eps), s
-
-
-def reads_folded_norm(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a projection of M rows by [N, K] can read a PendingTileNorm: FOLD_NORM_SPLITK, and project runs it
-    on this kernel (pick's config; not decode_gemv's, not cuBLAS)."""
-    return (FOLD_NORM_SPLITK and not takes_gemv(M, N, K, device, dtype)
-            and pick(M, N, K, silu, device, dtype) is not None)
-
-
-# One int32 per output tile of a FINISH launch, zero between launches (each resets its own), allocated once per
-# device and grown outside graph capture only: the engine runs every decode shape eagerly first
-# (engine/cuda_graphs.py, engine/warmup.py). Launches share them, which is safe on one stream: see _finish_tile.
-_COUNTERS: dict[torch.device, Tensor] = {}
-_RETIRED: list[Tensor] = []  # outgrown buffers that graphs captured before may still use
-
-
-def tile_counters(device: torch.device, n: int) -> Tensor:
-    """At least n zeroed int32 counters on `device` (a FINISH launch leaves them zero)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        assert device.type != "cuda" or not torch.cuda.is_current_stream_capturing(), \
-            "tile counters first needed inside CUDA graph capture: run the shape eagerly first"
-        if counters is not None:
-            _RETIRED.append(counters)
-        counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
 
 
 # Programmatic dependent launch (kernels/pdl.py): each kernel here calls gdc_launch_dependents first (so
@@ -562,34 +389,25 @@ def takes_gemv(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype)
 
 
 def launch_key(M: int, N: int, K: int, silu: bool, device: torch.device, dtype: torch.dtype) -> tuple | None:
-    """What a call compiles by (engine/warmup.py builds every distinct one): the config and BM, or None. Whether
-    a split launch runs in FINISH mode and a reader in NORM mode follows from the keys of a step's projections
-    together (folds_norm in engine/models/layers.py), which warm-up meets together."""
+    """What a call compiles by (engine/warmup.py builds every distinct one): the config and BM, or None."""
     if takes_gemv(M, N, K, device, dtype):
         return ("gemv", *decode_gemv.gemv_shape(N, K, silu, M), triton.next_power_of_2(M))
     cfg = pick(M, N, K, silu, device, dtype)
     return None if cfg is None else (cfg, block_m(M), min(cfg.split, triton.cdiv(K, cfg.bk)) > 1)
 
 
-def project(x: Tensor | PendingTileNorm, w: Tensor, silu: bool = False, out: Tensor | None = None,
-            partial: bool = False) -> Tensor | SplitK | DeferredProjection:
+def project(x: Tensor, w: Tensor, silu: bool = False, out: Tensor | None = None,
+            partial: bool = False) -> Tensor | SplitK:
     """A decode step's projection: kernels/decode_gemv at a few rows (takes_gemv), else ours where pick
-    says so, else cuBLAS (then kernels/swiglu for silu). partial: where ours splits K, a SplitK may come back
-    (see linear), or with FOLD_NORM_SPLITK a DeferredProjection for add_rms_norm to launch. x may be a
-    PendingTileNorm where reads_folded_norm said so."""
+    says so, else cuBLAS (then kernels/swiglu for silu). partial: a SplitK may come back where ours splits
+    K (see linear)."""
     M, K = x.shape
     N = w.shape[0]
-    if isinstance(x, PendingTileNorm):
-        cfg = pick(M, N, K, silu, x.device, x.dtype)
-        assert cfg is not None and not takes_gemv(M, N, K, x.device, x.dtype), "a folded norm is for our kernel"
-        return linear(x, w, cfg, silu=silu, out=out)
     if takes_gemv(M, N, K, x.device, x.dtype):
         return decode_gemv.gemv(x, w, silu=silu, out=out)
     assert not isinstance(x, decode_gemv.PendingNorm), "a deferred norm is for decode_gemv's projections"
     cfg = pick(M, N, K, silu, x.device, x.dtype)
     if cfg is not None:
-        if partial and FOLD_NORM_SPLITK and k_split(K, cfg)[1] > 1:
-            return DeferredProjection(x, w, cfg)
         return linear(x, w, cfg, silu=silu, out=out, partial=partial)
     if silu:
         from kernels.swiglu import silu_mul

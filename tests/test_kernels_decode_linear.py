@@ -148,13 +148,11 @@ def test_triton_decode_step_on_the_kernel_matches_the_torch_backend(qwen_pair, m
     """The padded decode step CUDA graphs capture, with every projection (and the LM head) on
     kernels/decode_linear, against the torch backend; prefill and mixed steps stay on torch matmuls.
     The projections into the residual stream (out, o, down: N = hidden) split K, so they hand their
-    products to the next add_rms_norm (SplitK); the others run unsplit. (With the norm folded into them,
-    FOLD_NORM_SPLITK, there is no add_rms_norm launch to hand them to: tests/test_norm_fold_splitk.py.)"""
+    products to the next add_rms_norm (SplitK); the others run unsplit."""
     from hybrid_steps import prefill_decode_mixed
 
     hidden = qwen_pair[0].config.hidden_size
     monkeypatch.setattr(dl, "MODE", "on")
-    monkeypatch.setattr(dl, "FOLD_NORM_SPLITK", False)
     monkeypatch.setattr(dl, "default_config", lambda M, N, K, silu: LinearConfig(
         bn=32, bk=16, split=2 if N == hidden else 1))
     calls = []

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from engine.config import LINEAR_ATTENTION, ModelConfig
-from engine.models.layers import (MLP, Attention, GatedDeltaNet, SparseMoE, _param, add_rms_norm, defers_norm,
-                                  folds_norm)
+from engine.models.layers import MLP, Attention, GatedDeltaNet, SparseMoE, _param, add_rms_norm, defers_norm
 from engine.models.state import Batch, SequenceState
 from engine.slots import SlotPool
 
 if TYPE_CHECKING:  # kernels/ (Triton) is imported only where the triton backend runs
-    from kernels.decode_linear import DeferredProjection, SplitK
+    from kernels.decode_linear import SplitK
 
 
 class Block(nn.Module):
@@ -44,21 +43,17 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, backend)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | SplitK | DeferredProjection | None, batch: Batch,
-                pool: SlotPool, index: int) -> tuple[torch.Tensor, torch.Tensor | SplitK | DeferredProjection]:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | SplitK | None, batch: Batch, pool: SlotPool,
+                index: int) -> tuple[torch.Tensor, torch.Tensor | SplitK]:
         """The residual stream enters and leaves as x + delta ([T, hidden] each; delta None: x alone):
         each add is left to the norm after it, which does both in one kernel on the triton backend (and
-        on decode steps there sums delta's split-K products too, when it comes as a SplitK, or leaves the add
-        to delta's projection and the norm to the next, see folds_norm)."""
+        on decode steps there sums delta's split-K products too, when it comes as a SplitK)."""
         decode = batch.decode_only and self.backend == "triton"
-        mixer_reader, mlp_reader = self.mixer.reader, self.mlp.reader
         h, x = add_rms_norm(x, delta, self.mixer_norm, self.eps, self.backend,
-                            defer=defers_norm(x, delta, mixer_reader, decode),
-                            fold=folds_norm(x, delta, mixer_reader, decode))
+                            defer=defers_norm(x, delta, self.mixer.reader, decode))
         delta = self.mixer(h, batch, pool, index)
         h, x = add_rms_norm(x, delta, self.mlp_norm, self.eps, self.backend,
-                            defer=defers_norm(x, delta, mlp_reader, decode),
-                            fold=folds_norm(x, delta, mlp_reader, decode, silu=True))  # a dense MLP's gate_up
+                            defer=defers_norm(x, delta, self.mlp.reader, decode))
         return x, self.mlp(h, batch.decode_only)
 
 

@@ -22,7 +22,7 @@ from engine.slots import SlotPool
 
 if TYPE_CHECKING:  # kernels/ (Triton) is imported only where the triton backend runs
     from kernels.decode_gemv import PendingNorm
-    from kernels.decode_linear import DeferredProjection, PendingTileNorm, SplitK
+    from kernels.decode_linear import SplitK
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -32,30 +32,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | DeferredProjection | None, weight: torch.Tensor,
-                 eps: float, backend: str, defer: bool = False,
-                 fold: bool = False) -> tuple[torch.Tensor | PendingNorm | PendingTileNorm, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | None, weight: torch.Tensor, eps: float,
+                 backend: str, defer: bool = False) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
     """(rms_norm(s), s) for s = x + delta (or x when delta is None): a block's residual add and the
     norm after it. On the triton backend both are one kernel (kernels/norm.py) where the add, the casts
     to and from fp32 and the norm were four; there delta may also be a projection's unreduced split-K
-    products (kernels/decode_linear.SplitK, see project), which that kernel sums, or that projection not yet
-    launched (DeferredProjection), launched here. `defer` (defers_norm said so): no kernel here; the norm comes
-    back pending, for the projection that reads it to compute. `fold` (folds_norm said so): delta's projection
-    does the add (kernels/decode_linear.finish) and the norm comes back pending for the projection after."""
-    if fold:
-        from kernels.decode_linear import finish
-        return finish(delta, x, weight, eps)
+    products (kernels/decode_linear.SplitK, see project), which that kernel sums. `defer` (defers_norm
+    said so): no kernel here; the norm comes back pending, for the projection that reads it to compute."""
     if defer:
         from kernels.decode_gemv import pending_norm
         pending = pending_norm(x, delta, weight, eps)
         return pending, pending.s
     if backend == "triton":
         from kernels import norm
-        from kernels.decode_linear import DeferredProjection, SplitK
+        from kernels.decode_linear import SplitK
         if delta is None:
             return norm.rms_norm(x, weight, eps), x
-        if isinstance(delta, DeferredProjection):  # its reader is not ours: as project would have returned it
-            delta = delta.splitk()
         if isinstance(delta, SplitK):  # rounded to x's dtype inside the norm, as the reduction would
             assert delta.dtype == x.dtype, f"split-K products of a {delta.dtype} projection, x {x.dtype}"
             delta = delta.parts
@@ -65,8 +57,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | DeferredProject
     return rms_norm(x, weight, eps), x
 
 
-def defers_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | DeferredProjection | None,
-                reader: torch.Tensor | None, decode: bool) -> bool:
+def defers_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | None, reader: torch.Tensor | None,
+                decode: bool) -> bool:
     """Whether a block's add_rms_norm is left to `reader`, the one projection that reads its output: on a
     decode step (triton backend) whose projection of these rows is kernels/decode_gemv's, which builds
     the normed row itself after its wait (decode_gemv.FOLD_NORM), so the norm's launch is gone."""
@@ -75,20 +67,6 @@ def defers_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | DeferredProjecti
     from kernels import decode_gemv
     from kernels.decode_linear import takes_gemv
     return decode_gemv.FOLD_NORM and takes_gemv(x.shape[0], *reader.shape, x.device, x.dtype)
-
-
-def folds_norm(x: torch.Tensor, delta: torch.Tensor | SplitK | DeferredProjection | None,
-               reader: torch.Tensor | None, decode: bool, silu: bool = False) -> bool:
-    """Whether a block's add_rms_norm is split between the projections either side of it, with no launch of
-    its own: on a decode step (triton backend) where delta is a split-K projection of kernels/decode_linear
-    left unlaunched (a DeferredProjection: decode_linear.FOLD_NORM_SPLITK), and `reader`, the one projection
-    that reads the norm's output (with `silu`: a SwiGLU gate_up), runs on that kernel too at these rows
-    (decode_linear.reads_folded_norm: not decode_gemv, not cuBLAS)."""
-    if not decode or reader is None or delta is None or isinstance(delta, torch.Tensor):
-        return False
-    from kernels.decode_linear import DeferredProjection, reads_folded_norm
-    return isinstance(delta, DeferredProjection) and reads_folded_norm(x.shape[0], *reader.shape, silu, x.device,
-                                                                          x.dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -106,15 +84,14 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
     return out.to(x.dtype)
 
 
-def project(x: torch.Tensor | PendingNorm | PendingTileNorm, weight: torch.Tensor, decode: bool,
-            silu: bool = False, residual: bool = False):
+def project(x: torch.Tensor | PendingNorm, weight: torch.Tensor, decode: bool, silu: bool = False,
+            residual: bool = False):
     """x @ weight.T (with `silu`, weight's rows [gate | up] give silu(gate) * up). `decode`: a triton-backend
     decode-only step, whose projections go through kernels/decode_linear.project (our skinny-M kernel where
     its table says it beats cuBLAS on this GPU, else cuBLAS; x may then be a deferred norm, see
-    defers_norm, or a folded one, see folds_norm). `residual`: the result only goes into add_rms_norm as its
-    delta, so on a decode step it may come back as unreduced split-K products (kernels/decode_linear.SplitK),
-    which that norm sums: one launch fewer; or not launched yet (DeferredProjection), for add_rms_norm to
-    launch with the add folded in."""
+    defers_norm). `residual`: the result only goes into add_rms_norm as its delta, so on a decode step it
+    may come back as unreduced split-K products (kernels/decode_linear.SplitK), which that norm sums: one
+    launch fewer."""
     if decode:
         from kernels.decode_linear import project as decode_project
         return decode_project(x, weight, silu=silu, partial=residual)
