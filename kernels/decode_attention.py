@@ -88,23 +88,11 @@ def _decode_attention_kernel(
     acc_l = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, BD], dtype=tl.float32)
     base = slot * max_len * (KVH * D) + i_kv * D
-    for block in range(start, end, BL):
-        o_l = block + tl.arange(0, BL)  # [BL] key positions
-        mask_l = o_l < end
-        p_kv = base + o_l[:, None] * (KVH * D) + o_d[None, :]
-        m_kv = mask_l[:, None] & mask_d[None, :]
-        b_k = tl.load(keys + p_kv, mask=m_kv, other=0)  # [BL, BD]
-        b_v = tl.load(values + p_kv, mask=m_kv, other=0)
-        if F32:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        m, acc_l, acc = _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32)
+    m, acc_l, acc = _attend_blocks(b_q, keys, values, base, start, end, end, o_d, m, acc_l, acc, scale_log2,
+                                   KVH, D, BL, F32)
     m_o = mask_g[:, None] & mask_d[None, :]
     if SPLIT:  # an empty split leaves max -inf and sum 0: it weighs nothing in the combination
-        row = (i_b * H + heads) * num_splits + i_s  # [BG]
-        tl.store(part_acc + row[:, None] * D + o_d[None, :], acc, mask=m_o)
-        tl.store(part_ml + row * 2, m, mask=mask_g)
-        tl.store(part_ml + row * 2 + 1, acc_l, mask=mask_g)
+        _store_partials(part_acc, part_ml, (i_b * H + heads) * num_splits + i_s, acc, m, acc_l, o_d, m_o, mask_g, D)
     else:  # padding has sum 0 and acc 0: zeros out
         b_o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
         _finish(b_o, gate, out, i_b, heads, o_d, m_o, stride_g_b, stride_g_h, H, D, GATE)
@@ -130,6 +118,34 @@ def _split_keys(slot, pos, window, num_splits, i_s, BL: tl.constexpr):
     start = lo + i_s * chunk
     end = tl.minimum(start + chunk, pos + 1)
     return start, tl.where(slot < 0, start, end)
+
+
+@triton.jit
+def _attend_blocks(b_q, keys, values, base, start, stop, end, o_d, m, acc_l, acc, scale_log2, KVH: tl.constexpr,
+                   D: tl.constexpr, BL: tl.constexpr, F32: tl.constexpr):
+    """_attend_block over the BL-key blocks from start up to stop, keys before end (buffer offset base: the
+    slot's first key of this kv head), read from keys/values (to fp32 with F32): (m, acc_l, acc)."""
+    mask_d = o_d < D
+    for block in range(start, stop, BL):
+        o_l = block + tl.arange(0, BL)  # [BL] key positions
+        mask_l = o_l < end
+        p_kv = base + o_l[:, None] * (KVH * D) + o_d[None, :]
+        m_kv = mask_l[:, None] & mask_d[None, :]
+        b_k = tl.load(keys + p_kv, mask=m_kv, other=0)  # [BL, BD]
+        b_v = tl.load(values + p_kv, mask=m_kv, other=0)
+        if F32:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        m, acc_l, acc = _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32)
+    return m, acc_l, acc
+
+
+@triton.jit
+def _store_partials(part_acc, part_ml, row, acc, m, acc_l, o_d, m_o, mask_g, D: tl.constexpr):
+    """A split's partial results for the combine: acc [BG, BD], running max and sum [BG] at rows row [BG]."""
+    tl.store(part_acc + row[:, None] * D + o_d[None, :], acc, mask=m_o)
+    tl.store(part_ml + row * 2, m, mask=mask_g)
+    tl.store(part_ml + row * 2 + 1, acc_l, mask=mask_g)
 
 
 @triton.jit
@@ -328,17 +344,9 @@ def _rope_decode_attention_kernel(
     acc = tl.zeros([BG, BD], dtype=tl.float32)
     base = slot * max_len * (KVH * D) + i_kv * D
     last = start + tl.maximum(end - start - 1, 0) // BL * BL  # the block holding key end - 1 (pos in the owner's)
-    for block in range(start, last, BL):  # decode_attention's loop, but for the last block
-        o_l = block + tl.arange(0, BL)
-        mask_l = o_l < end
-        p_kv = base + o_l[:, None] * (KVH * D) + o_d[None, :]
-        m_kv = mask_l[:, None] & mask_d[None, :]
-        b_k = tl.load(keys + p_kv, mask=m_kv, other=0)  # [BL, BD]
-        b_v = tl.load(values + p_kv, mask=m_kv, other=0)
-        if F32:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        m, acc_l, acc = _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32)
+    # decode_attention's loop, but for the last block
+    m, acc_l, acc = _attend_blocks(b_q, keys, values, base, start, last, end, o_d, m, acc_l, acc, scale_log2,
+                                   KVH, D, BL, F32)
     if start < end:  # the last block: key pos (the owner's) from registers, never from the buffer
         o_l = last + tl.arange(0, BL)
         mask_l = o_l < end
@@ -362,10 +370,7 @@ def _rope_decode_attention_kernel(
         b_o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
         _finish(b_o, gate, out, i_b, heads, o_d, m_o, stride_g_b, stride_g_h, H, D, GATE)
     else:  # an empty split leaves max -inf and sum 0: it weighs nothing in the combination
-        row = (i_b * H + heads) * NSPLIT + i_s  # [BG]
-        tl.store(part_acc + row[:, None] * D + o_d[None, :], acc, mask=m_o)
-        tl.store(part_ml + row * 2, m, mask=mask_g)
-        tl.store(part_ml + row * 2 + 1, acc_l, mask=mask_g)
+        _store_partials(part_acc, part_ml, (i_b * H + heads) * NSPLIT + i_s, acc, m, acc_l, o_d, m_o, mask_g, D)
         # The last split of (sequence, kv head) to get here combines them all, as _combine_splits_kernel does.
         # The barrier puts every thread's partials before the release; the acquire makes every other
         # split's visible to this program, whose loads go to L2 (.cg), past a stale L1.
