@@ -14,8 +14,8 @@ and gdc_wait before touching any tensor another kernel writes or reads; launch i
 `**launch_kwargs(device)` and PDL=enabled(device). Kernels launched without PDL (cuBLAS, torch's) wait
 for everything before them as usual, so mixing is safe. Before gdc_wait a kernel may only read (or
 prefetch_l2) what no kernel of the step writes: weights (kernels/decode_gemv.py, decode_linear.py,
-norm.py), slot ids and positions copied in before the step, and a slot's recurrent state, which only its
-own layer's kernel writes (kernels/gdn_decode.py). Early launches chain, so "before" may be several
+norm.py), slot ids and positions copied in before the step, and a slot's recurrent state and conv taps of
+earlier positions, which only its own layer's kernel writes (kernels/gdn_decode.py). Early launches chain, so "before" may be several
 kernels back, never past a kernel launched without PDL.
 """
 
