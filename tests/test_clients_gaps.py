@@ -57,7 +57,10 @@ def test_ctrl_c_stops_bench_serve_with_the_report_of_what_finished(server, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "bench-serve", "--url", server.url,
                              "--num-requests", "200", "--concurrency", "2", "--input-len", "8", "--output-len", "200",
                              "--progress-interval", "0.05", "--json", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            # as from a terminal: a suite started in the background (a shell's `&`) passes
+                            # SIGINT on ignored, and an ignored signal stays ignored in the child (nohup)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:  # interrupt once a request has finished, far from the 200 the run asks for
             if line.startswith("bench-serve: ") and not line.startswith("bench-serve: 0/"):
