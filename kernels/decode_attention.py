@@ -13,8 +13,8 @@ sigmoid(gate) (Qwen's gated attention) before it is stored. Small batches split 
 keys over several programs (flash-decoding) so the GPU is not left with B * KVH programs, and a
 second launch combines the splits. Both kernels launch with PDL where kernels/pdl.py enables it.
 
-rope_decode_attention does a decode step's kernels/rope.py store, this attention and the combine in one
-launch (its docstring says how, and how its bits and speed compare).
+rope_decode_attention does a decode step's kernels/rope.py store and this attention in one launch, where
+the attention runs one split a sequence (its docstring says how, and how its bits and speed compare).
 
 Where the torch form gathered each slot's whole [length] buffer into a copy (keys[slot_ids, :L]),
 built a mask and ran SDPA, then the gate's sigmoid and product: ~8 kernels and a copy of every
@@ -92,7 +92,10 @@ def _decode_attention_kernel(
                                    KVH, D, BL, F32)
     m_o = mask_g[:, None] & mask_d[None, :]
     if SPLIT:  # an empty split leaves max -inf and sum 0: it weighs nothing in the combination
-        _store_partials(part_acc, part_ml, (i_b * H + heads) * num_splits + i_s, acc, m, acc_l, o_d, m_o, mask_g, D)
+        row = (i_b * H + heads) * num_splits + i_s  # [BG]
+        tl.store(part_acc + row[:, None] * D + o_d[None, :], acc, mask=m_o)
+        tl.store(part_ml + row * 2, m, mask=mask_g)
+        tl.store(part_ml + row * 2 + 1, acc_l, mask=mask_g)
     else:  # padding has sum 0 and acc 0: zeros out
         b_o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
         _finish(b_o, gate, out, i_b, heads, o_d, m_o, stride_g_b, stride_g_h, H, D, GATE)
@@ -141,14 +144,6 @@ def _attend_blocks(b_q, keys, values, base, start, stop, end, o_d, m, acc_l, acc
 
 
 @triton.jit
-def _store_partials(part_acc, part_ml, row, acc, m, acc_l, o_d, m_o, mask_g, D: tl.constexpr):
-    """A split's partial results for the combine: acc [BG, BD], running max and sum [BG] at rows row [BG]."""
-    tl.store(part_acc + row[:, None] * D + o_d[None, :], acc, mask=m_o)
-    tl.store(part_ml + row * 2, m, mask=mask_g)
-    tl.store(part_ml + row * 2 + 1, acc_l, mask=mask_g)
-
-
-@triton.jit
 def _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32: tl.constexpr):
     """One online-softmax step over a block of keys b_k, values b_v [BL, BD] (mask_l [BL]: real
     keys) for queries b_q [BG, BD]: the running max m, sum acc_l [BG] and output acc [BG, BD]."""
@@ -187,30 +182,16 @@ def _combine_splits_kernel(
     row = (i_b * H + i_h) * NSPLIT + o_s  # [NSPLIT]
     if PDL:  # the partials are the attention kernel's, just before
         gdc_wait()
-    b_m, b_l, b_acc = _load_partials(part_acc, part_ml, row, o_d, D, "")
-    b_o = _combine(b_m, b_l, b_acc)
-    heads = i_h + tl.arange(0, 1)
-    _finish(b_o, gate, out, i_b, heads, o_d, (o_d < D)[None, :], stride_g_b, stride_g_h, H, D, GATE)
-
-
-@triton.jit
-def _load_partials(part_acc, part_ml, row, o_d, D: tl.constexpr, CACHE: tl.constexpr):
-    """One head's splits' partials at rows row [NSPLIT]: max, sum [NSPLIT], acc [NSPLIT, BD].
-    CACHE: the loads' cache modifier."""
-    b_m = tl.load(part_ml + row * 2, cache_modifier=CACHE)
-    b_l = tl.load(part_ml + row * 2 + 1, cache_modifier=CACHE)
-    b_acc = tl.load(part_acc + row[:, None] * D + o_d[None, :], mask=(o_d < D)[None, :], other=0, cache_modifier=CACHE)
-    return b_m, b_l, b_acc
-
-
-@triton.jit
-def _combine(b_m, b_l, b_acc):
-    """One head's output [1, BD] (before the gate) from its splits' partials: their softmax-weighted sum."""
+    b_m = tl.load(part_ml + row * 2)
+    b_l = tl.load(part_ml + row * 2 + 1)
+    b_acc = tl.load(part_acc + row[:, None] * D + o_d[None, :], mask=(o_d < D)[None, :], other=0)
     m_max = tl.max(b_m, 0)
     w = tl.exp2(b_m - tl.where(m_max == float("-inf"), 0.0, m_max))  # [NSPLIT]; 0 for empty splits
     total = tl.sum(b_l * w, 0)  # 0 only for padding, whose acc is 0 too
     b_o = tl.sum(b_acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # [BD]
-    return b_o[None, :]
+    heads = i_h + tl.arange(0, 1)
+    b_o = b_o[None, :]
+    _finish(b_o, gate, out, i_b, heads, o_d, (o_d < D)[None, :], stride_g_b, stride_g_h, H, D, GATE)
 
 
 @triton.jit
@@ -273,9 +254,6 @@ def _rope_decode_attention_kernel(
     positions,  # [B]
     slot_ids,  # [B]; < 0: padding
     out,  # [B, H, D], contiguous
-    part_acc,  # [B, H, NSPLIT, D] fp32 (unused with one split)
-    part_ml,  # [B, H, NSPLIT, 2] fp32 (unused with one split)
-    counters,  # [>= B * KVH] int32, zero between launches: splits done per (sequence, kv head)
     stride_q_b,
     stride_q_h,
     stride_k_b,
@@ -296,7 +274,6 @@ def _rope_decode_attention_kernel(
     BG: tl.constexpr,
     BD: tl.constexpr,
     BL: tl.constexpr,
-    NSPLIT: tl.constexpr,
     NORM: tl.constexpr,
     NR: tl.constexpr,  # rows a sum-of-squares tile (_sum_squares)
     GATE: tl.constexpr,
@@ -307,12 +284,9 @@ def _rope_decode_attention_kernel(
         gdc_launch_dependents()
     i_b = tl.program_id(0).to(tl.int64)
     i_kv = tl.program_id(1)
-    i_s = tl.program_id(2)
     slot = tl.load(slot_ids + i_b).to(tl.int64)  # copied in before the step: readable before gdc_wait
     pos = tl.load(positions + i_b).to(tl.int64)
-    start, end = _split_keys(slot, pos, window, NSPLIT, i_s, BL)
-    # The split whose keys end at pos: it alone takes the new key and value (from registers) and stores them.
-    owner = (slot >= 0) & (start <= pos) & (pos < end)
+    start, end = _split_keys(slot, pos, window, 1, 0, BL)  # one split: keys lo..pos, none for padding
 
     o_g = tl.arange(0, BG)
     o_d = tl.arange(0, BD)
@@ -343,11 +317,11 @@ def _rope_decode_attention_kernel(
     acc_l = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, BD], dtype=tl.float32)
     base = slot * max_len * (KVH * D) + i_kv * D
-    last = start + tl.maximum(end - start - 1, 0) // BL * BL  # the block holding key end - 1 (pos in the owner's)
-    # decode_attention's loop, but for the last block
+    last = start + tl.maximum(end - start - 1, 0) // BL * BL  # the block holding key pos
+    # decode_attention's loop up to that block
     m, acc_l, acc = _attend_blocks(b_q, keys, values, base, start, last, end, o_d, m, acc_l, acc, scale_log2,
                                    KVH, D, BL, F32)
-    if start < end:  # the last block: key pos (the owner's) from registers, never from the buffer
+    if start < end:  # the last block: key pos from registers, never from the buffer
         o_l = last + tl.arange(0, BL)
         mask_l = o_l < end
         new = ((o_l == pos) & mask_l)[:, None]
@@ -361,28 +335,13 @@ def _rope_decode_attention_kernel(
         m, acc_l, acc = _attend_block(b_q, b_k, b_v, mask_l, m, acc_l, acc, scale_log2, F32)
     # No program of this launch reads the cell (slot, pos) (see rope_decode_attention), so the store may come last.
     p_new = base + pos * (KVH * D) + o_d[None, :]
-    m_new = (o_d < tl.where(owner, D, 0))[None, :]
+    m_new = (o_d < tl.where(slot >= 0, D, 0))[None, :]
     tl.store(keys + p_new, k_new, mask=m_new)
     tl.store(values + p_new, v_new, mask=m_new)
 
-    m_o = mask_g[:, None] & mask_d[None, :]
-    if NSPLIT == 1:  # padding has sum 0 and acc 0: zeros out
-        b_o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
-        _finish(b_o, gate, out, i_b, heads, o_d, m_o, stride_g_b, stride_g_h, H, D, GATE)
-    else:  # an empty split leaves max -inf and sum 0: it weighs nothing in the combination
-        _store_partials(part_acc, part_ml, (i_b * H + heads) * NSPLIT + i_s, acc, m, acc_l, o_d, m_o, mask_g, D)
-        # The last split of (sequence, kv head) to get here combines them all, as _combine_splits_kernel does.
-        # The barrier puts every thread's partials before the release; the acquire makes every other
-        # split's visible to this program, whose loads go to L2 (.cg), past a stale L1.
-        tl.debug_barrier()
-        counter = counters + i_b * KVH + i_kv
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
-            row_s = (i_b * H + i_kv * G) * NSPLIT + tl.arange(0, NSPLIT)  # [NSPLIT] the first head's
-            for g in range(G):
-                b_m, b_l, b_acc = _load_partials(part_acc, part_ml, row_s + g * NSPLIT, o_d, D, ".cg")
-                _finish(_combine(b_m, b_l, b_acc), gate, out, i_b, i_kv * G + g + tl.arange(0, 1), o_d, mask_d[None, :],
-                        stride_g_b, stride_g_h, H, D, GATE)
-            tl.store(counter, 0)  # every split has counted: zero for the next launch (see rope_decode_attention)
+    # padding has sum 0 and acc 0: zeros out
+    b_o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+    _finish(b_o, gate, out, i_b, heads, o_d, mask_g[:, None] & mask_d[None, :], stride_g_b, stride_g_h, H, D, GATE)
 
 
 class LaunchConfig(NamedTuple):
@@ -471,13 +430,6 @@ def decode_attention(q: Tensor, gate: Tensor | None, keys: Tensor, values: Tenso
     return out
 
 
-# Per device: the split counters of rope_decode_attention, int32, zero between launches (the last split of
-# each (sequence, kv head) sets its counter back to 0). Allocated at the first call; a larger batch
-# replaces them with a larger buffer, outside CUDA graph capture only (the engine's warm-up runs every
-# decode size eagerly before capturing: engine/cuda_graphs.py). Replaced buffers stay allocated: a
-# graph captured earlier still points at them.
-_counters: dict[torch.device, Tensor] = {}
-_retired_counters: list[Tensor] = []
 # Whether a decode step's attention takes rope_decode_attention where it launches one split per (sequence,
 # kv head) (fuses_rope); read at every forward, so a benchmark can time both (graphs keep the path taken).
 FUSE_ROPE = True
@@ -485,23 +437,8 @@ FUSE_ROPE = True
 
 def fuses_rope(B: int, KVH: int, max_len: int, device: torch.device, elem_bytes: int = 2) -> bool:
     """Whether B sequences' decode attention runs as rope_decode_attention: where launch_config gives one
-    split, the only case it was faster than the three launches on an H200 (see its docstring)."""
+    split, which is also where it was measured faster than rope's and attention's launches (its docstring)."""
     return FUSE_ROPE and launch_config(B, KVH, max_len, device, elem_bytes).splits == 1
-
-
-_MIN_COUNTERS = 4096
-
-
-def _split_counters(n: int, device: torch.device) -> Tensor:
-    buf = _counters.get(device)
-    if buf is None or buf.numel() < n:
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        assert not capturing, f"rope_decode_attention: {n} split counters needed during graph capture (warm up first)"
-        if buf is not None:
-            _retired_counters.append(buf)
-        buf = torch.zeros(max(_MIN_COUNTERS, triton.next_power_of_2(n)), dtype=torch.int32, device=device)
-        _counters[device] = buf
-    return buf
 
 
 def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,
@@ -510,31 +447,26 @@ def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | No
                           config: LaunchConfig | None = None) -> Tensor:
     """A decode step's attention in one launch: kernels/rope.qk_norm_rope_store(q, k, v, q_weight, k_weight,
     eps, inv_freq, positions, slot_ids, keys, values) then decode_attention(its q, gate, keys, values,
-    positions, slot_ids, window, scale, config) without the launches before and after the attention
-    (rope's, the combine's). Under the Triton interpreter: the same bits, output and buffers
-    (tests/test_kernels_decode_attention_fused.py).
+    positions, slot_ids, window, scale, config) without rope's launch before it. Under the Triton
+    interpreter: the same bits, output and buffers (tests/test_kernels_decode_attention_fused.py).
 
     q, gate: [B, H, D]; k, v: [B, KVH, D] (token and head strides free, last dim contiguous); one token a
     sequence, so a token's slot is its sequence's: slot_ids [B] (< 0: padding, which stores nothing and
-    gets zeros). Returns [B, H, D] in q's dtype.
+    gets zeros). config: one split a sequence (default launch_config's, which must have one: fuses_rope
+    says where). Returns [B, H, D] in q's dtype.
 
-    Every program (sequence, kv head, split) norms and rotates its G query heads and the kv head's new
-    key itself; the split whose keys end at the position (the one split holding it) uses the new key and
-    value from registers and stores them, after its reads. So no program reads a cell another writes,
-    provided no two sequences of the batch share a slot (padding may: entries on a scratch slot at one
-    position each write there, and read only their own key). With splits, the last split of a (sequence,
-    kv head) to finish (a counter per pair, counted with acq_rel atomics) combines them and sets the
-    counter back to 0. That reset is seen by the next launch that uses the counters: it is later on the
-    stream, and with PDL cannot pass its gdc_wait before every kernel between has passed its own, the
-    first of them after this one has finished (pdl.py); the counters are one buffer per device, so
-    launches using them must not run concurrently (one stream).
+    Every program (sequence, kv head) norms and rotates its G query heads and the kv head's new key itself,
+    attends to the earlier keys in the buffers and to the new key and value from registers, and stores
+    those last. So no program reads a cell another writes, provided no two sequences of the batch share a
+    slot (padding may: entries on a scratch slot at one position each write there, and read only their own
+    key).
 
     Seen on an H200 (Triton 3.6; 8 query heads, 2 kv heads, D 256, R 64, bf16 buffers of 640 positions),
-    against the three launches it replaces: keys and values the same bits in every call; the output too
-    but for one element in 5 of 60 calls (1 bf16 ulp: a sum added in another order). Per layer, in a CUDA
-    graph of 20: B = 1 (32 splits) 10.9 vs 7.4 us, B = 4 (16 splits) 21.2 vs 10.0, B = 32 (2 splits)
-    18.4 vs 16.3; without splits faster, B = 128 45.7 vs 53.1. Where it splits, ~4 us of it at B = 1
-    is the last split's combine: one program reading every split's partials, head by head."""
+    against the launches it replaces: keys and values the same bits in every call; the output too but for
+    one element in 5 of 60 calls (1 bf16 ulp: a sum added in another order). Per layer in a CUDA graph of
+    20, B = 128: 45.7 against 53.1 us. A form with splits, the last split to arrive at a counter combining
+    them, was slower wherever the three launches split (B = 1 10.9 against 7.4 us, 4 21.2 against 10.0, 32
+    18.4 against 16.3: that one program reads every split's partials) and was removed (d757fdf has it)."""
     B, H, D = q.shape
     KVH = k.shape[1]
     R = 2 * inv_freq.shape[0]
@@ -551,22 +483,16 @@ def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | No
     if B == 0:
         return out
     config = config or launch_config(B, KVH, keys.shape[1], q.device, keys.element_size())
-    splits = config.splits
-    assert splits & (splits - 1) == 0, "splits must be a power of two"
-    part_acc = part_ml = counters = out  # unread with one split
-    if splits > 1:
-        part_acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(B, H, splits, 2, dtype=torch.float32, device=q.device)
-        counters = _split_counters(B * KVH, q.device)
+    assert config.splits == 1, f"one split a sequence, not {config.splits} (fuses_rope)"
     norm = q_weight is not None
     stride_g = (gate.stride(0), gate.stride(1)) if gate is not None else (0, 0)
-    _rope_decode_attention_kernel[(B, KVH, splits)](
+    _rope_decode_attention_kernel[(B, KVH)](
         q, k, v, q_weight if norm else q, k_weight if norm else k, inv_freq.contiguous(),
-        gate if gate is not None else q, keys, values, positions, slot_ids, out, part_acc, part_ml, counters,
+        gate if gate is not None else q, keys, values, positions, slot_ids, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *stride_g,
         keys.shape[1], window if window is not None else keys.shape[1] + 1, eps, (scale or D ** -0.5) * _LOG2E,
         H=H, KVH=KVH, D=D, R=R, G=H // KVH, BG=max(16, triton.next_power_of_2(H // KVH)),
-        BD=triton.next_power_of_2(D), BL=config.block, NSPLIT=splits, NORM=norm,
+        BD=triton.next_power_of_2(D), BL=config.block, NORM=norm,
         NR=max(1, config.warps // (1 if D <= 128 else 2)),  # kernels/rope.py launches 1 warp, or 2 past D 128
         GATE=gate is not None,
         F32=keys.dtype == torch.float32 or keys.device.type == "cpu", PDL=pdl.enabled(q.device),
