@@ -13,7 +13,7 @@ Kinds (comma list; each is also timed alone by running this once per kind):
   gated_norms  the Gated DeltaNet output norm of the unfused path (kernels/norm.gated_rms_norm)
   gdn          the Gated DeltaNet decode step (one-launch or conv + delta rule)
   projections  every projection, the LM head too (kernels/decode_linear.project, decode_gemv within it)
-  attention    rope + key/value store and decode attention
+  attention    rope + key/value store and decode attention (or both as one launch, at one split)
   argmax       the greedy argmax
 """
 
@@ -52,7 +52,9 @@ def knock_out(kinds: list[str], set_attr=setattr) -> None:
                     qkv.shape[0], spec.num_v_heads, spec.head_v_dim, like=qkv))],
         "projections": [(decode_linear, "project", project)],
         "attention": [(rope, "qk_norm_rope_store", lambda q, *rest: q),
-                      (decode_attention, "decode_attention", lambda q, *rest: torch.empty_like(q))],
+                      (decode_attention, "decode_attention", lambda q, *rest: torch.empty_like(q)),
+                      (decode_attention, "rope_decode_attention", lambda q, *rest, **kwargs: torch.empty(
+                          q.shape, dtype=q.dtype, device=q.device))],
         "argmax": [(sampling, "argmax", lambda logits: torch.zeros(logits.shape[0], dtype=torch.long,
                                                                    device=logits.device))],
     }

@@ -47,6 +47,19 @@ def test_a_knocked_out_kind_launches_nothing_and_the_rest_is_untouched(model, ev
         n: c for n, c in every_kind.items() if n not in gone and c and not _fed_only_by(kind, n)}
 
 
+def test_knocked_out_attention_takes_its_one_launch_form_too(model, monkeypatch):
+    """Where decode attention runs one split a sequence, rope and attention are one launch
+    (rope_decode_attention): knocked out with the rest of attention."""
+    from kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "launch_config", lambda *args, **kwargs: decode_attention.LaunchConfig(1, 16))
+    fused = "triton:_rope_decode_attention_kernel"
+    before = _launches(model, monkeypatch)
+    knock_out(["attention"], monkeypatch.setattr)
+    after = _launches(model, monkeypatch)
+    assert before[fused] and not after[fused]
+    assert {n: c for n, c in after.items() if c} == {n: c for n, c in before.items() if c and n != fused}
+
+
 def _fed_only_by(kind: str, name: str) -> bool:
     """Launches that exist only to feed or follow the knocked-out kind (its split-K reduction, the SwiGLU of
     cuBLAS's gate_up, the combine of attention's splits), which go with it."""
