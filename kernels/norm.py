@@ -165,7 +165,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | No
         s = torch.empty_like(y)
     if M > 0:
         BN = triton.next_power_of_2(N)
-        BM = max(1, min(16, 4096 // BN))
+        # One row a program from 1024 wide: more programs share a decode step's few rows (engine step on an
+        # H200, hidden 1024: B = 32 1.186 against 1.222-1.227 ms at 4 rows a program, B = 8 0.916 against
+        # 0.943, B = 128 2.530 against 2.546-2.557; docs/performance.md, "Session 11").
+        BM = max(1, min(16, 1024 // BN))
         _rms_norm_kernel[(triton.cdiv(M, BM),)](
             x, residual if residual is not None else x, weight, y, s if s is not None else y, M, x.stride(0),
             residual.stride(-2) if residual is not None else 0, eps,
