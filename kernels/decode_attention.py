@@ -437,8 +437,12 @@ FUSE_ROPE = True
 
 def fuses_rope(B: int, KVH: int, max_len: int, device: torch.device, elem_bytes: int = 2) -> bool:
     """Whether B sequences' decode attention runs as rope_decode_attention: where launch_config gives one
-    split, which is also where it was measured faster than rope's and attention's launches (its docstring)."""
-    return FUSE_ROPE and launch_config(B, KVH, max_len, device, elem_bytes).splits == 1
+    split and there are more (sequence, kv head) programs than multiprocessors, which is where it was measured
+    faster than rope's and attention's launches (its docstring). At one program a multiprocessor or fewer
+    (64-key blocks over 8 warps) the three launches were a little faster: engine step on an H200, B = 48
+    1.665 against 1.676-1.678 ms, B = 64 1.781 against 1.787-1.790 (docs/performance.md, "Session 11")."""
+    return (FUSE_ROPE and B * KVH > _num_sms(device)
+            and launch_config(B, KVH, max_len, device, elem_bytes).splits == 1)
 
 
 def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor | None, k_weight: Tensor | None,

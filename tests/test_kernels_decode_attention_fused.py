@@ -118,13 +118,17 @@ def test_rope_decode_attention_matches_the_torch_form():
 
 
 def test_fuses_rope_where_the_launch_has_one_split(monkeypatch):
-    """The engine takes the one launch where launch_config gives one split (B = 128 of the bench model's 2 kv
-    heads over 640 positions), not where it splits (B = 1), and never with FUSE_ROPE off."""
+    """The engine takes the one launch where launch_config gives one split over more programs than
+    multiprocessors (B = 128 of the bench model's 2 kv heads over 640 positions), not where it splits (B = 1)
+    nor at one split over at most one program a multiprocessor (B = 48, 66), and never with FUSE_ROPE off."""
     from kernels import decode_attention as da
 
     cpu = torch.device("cpu")  # launch_config counts 132 multiprocessors off CUDA
     assert da.launch_config(128, 2, 640, cpu).splits == 1 and da.fuses_rope(128, 2, 640, cpu)
+    assert da.fuses_rope(67, 2, 640, cpu)
     assert da.launch_config(1, 2, 640, cpu).splits > 1 and not da.fuses_rope(1, 2, 640, cpu)
+    for B in (48, 66):
+        assert da.launch_config(B, 2, 640, cpu).splits == 1 and not da.fuses_rope(B, 2, 640, cpu)
     monkeypatch.setattr(da, "FUSE_ROPE", False)
     assert not da.fuses_rope(128, 2, 640, cpu)
 
@@ -143,6 +147,7 @@ def test_decode_steps_with_one_split_take_the_one_launch_and_compute_the_same(qw
     from kernels import decode_attention as da
 
     monkeypatch.setattr(da, "launch_config", lambda *args, **kwargs: LaunchConfig(1, 16, 4, 2))
+    monkeypatch.setattr(da, "_num_sms", lambda device: 1)  # more programs than multiprocessors
     calls = []
     fused = da.rope_decode_attention
     monkeypatch.setattr(da, "rope_decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or fused(*a, **k))
