@@ -306,10 +306,12 @@ TABLE: dict[tuple[int, int, bool], list[tuple[int, LinearConfig | None]]] = {
     # MLP down: 6.1/7.9, 6.1/7.8, 6.1/8.1, 6.7/8.1, 7.2/8.4, 8.4/8.6, 11.3/8.8 (copy 1.8 us). M = 128 is ours
     # though within 3% here: in a step its split-K sum is the next norm's (SplitK), where cuBLAS launches its own
     # reduction; engine step at B = 128 2.622 -> 2.593 ms (H200, 2026-11-27; o_proj or in_proj ours too: slower).
+    # M = 9..32 splits 4, not the sweep's 8: engine step at B = 32 1.174 / 1.175 ms against 1.190-1.216, in two
+    # in-engine sweeps (docs/performance.md, "Session 11"); B = 16 unchanged.
     (1024, 3584, False): [
         (1, _C(bn=64, bk=128, split=8, warps=4, stages=5)),
         (8, _C(bn=64, bk=128, split=4, warps=4, stages=5)),
-        (32, _C(bn=64, bk=128, split=8, warps=4, stages=5)),
+        (32, _C(bn=64, bk=128, split=4, warps=4, stages=5)),
         (64, _C(bn=64, bk=64, split=8, warps=4, stages=5)),
         (128, _C(bn=64, bk=64, split=8, warps=8, stages=5)),
     ],
