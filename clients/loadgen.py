@@ -6,7 +6,9 @@ server's own tokenization of a fixed English text, so no special tokens), asking
 soon as one ends) or as a Poisson process at --request-rate per second (optionally capped at
 --concurrency in flight). The run is bounded by --num-requests and by --max-duration seconds; what is
 still running then is cancelled and counted as unfinished. Ctrl-C stops the run the same way, and the
-report (and --json) still covers what finished before it. It only ever talks to the URL it is given.
+report (and --json) still covers what finished before it. A run in which every request that ran failed
+reports as usual, then ends with an error (status 2), so a script cannot take it for a measurement. It only
+ever talks to the URL it is given.
 """
 
 from __future__ import annotations
@@ -240,3 +242,7 @@ def run_bench_serve(args: argparse.Namespace) -> None:
         print("bench-serve: stopped by Ctrl-C; the report covers the requests that finished before it",
               file=sys.stderr)
         raise KeyboardInterrupt  # the command's status says it was interrupted (130)
+    summary = record["summary"]
+    if summary["completed"] == 0 and summary["failed"] > 0:  # nothing measured: a script must not read success
+        first = next(r["error"] for r in record["requests"] if r["error"] is not None)
+        raise DeltaserveError(f"bench-serve: all {summary['failed']} requests that ran failed (the first: {first})")

@@ -131,6 +131,19 @@ def test_bench_serve_stops_at_max_duration_and_counts_the_rest_as_unfinished(ser
         assert c.health()
 
 
+def test_bench_serve_fails_with_status_2_when_every_request_failed(server, tmp_path, capsys):
+    """The report and the record are still written, but a script reading the status is told that nothing
+    was measured (here every request names a model the server does not serve)."""
+    path = tmp_path / "bench.json"
+    code = main(["bench-serve", "--url", server.url, "--model", "no-such-model", "--num-requests", "3",
+                 "--input-len", "4", "--output-len", "2", "--json", str(path)])
+    assert code == 2
+    s = json.loads(path.read_text())["summary"]
+    assert (s["completed"], s["failed"]) == (0, 3)
+    err = capsys.readouterr().err
+    assert "all 3 requests that ran failed" in err and "no-such-model" in err
+
+
 def test_bench_serve_refuses_prompts_beyond_the_context_limit(server, capsys):
     assert main(["bench-serve", "--url", server.url, "--input-len", "500", "--output-len", "100"]) == 2
     assert "context limit of 512" in capsys.readouterr().err
