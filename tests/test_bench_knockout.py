@@ -52,6 +52,7 @@ def test_knocked_out_attention_takes_its_one_launch_form_too(model, monkeypatch)
     (rope_decode_attention): knocked out with the rest of attention."""
     from kernels import decode_attention
     monkeypatch.setattr(decode_attention, "launch_config", lambda *args, **kwargs: decode_attention.LaunchConfig(1, 16))
+    monkeypatch.setattr(decode_attention, "_num_sms", lambda device: 1)  # more programs than multiprocessors
     fused = "triton:_rope_decode_attention_kernel"
     before = _launches(model, monkeypatch)
     knock_out(["attention"], monkeypatch.setattr)
