@@ -31,6 +31,7 @@ from torch import Tensor
 from kernels import pdl
 from kernels.pdl import gdc_launch_dependents, gdc_wait
 from kernels.recurrent import _num_sms
+from kernels.rope import _norm_pairs, _rotate
 
 _LOG2E = 1.4426950408889634
 
@@ -218,26 +219,15 @@ def _sum_squares(x, stride, n: tl.constexpr, NR: tl.constexpr, BN: tl.constexpr,
 def _norm_rope(x, o_d, mask_x, ss, weight, inv_freq, pos, eps, D: tl.constexpr, R: tl.constexpr, NORM: tl.constexpr,
                dtype: tl.constexpr):
     """Rows [N, BD] (pointers x [N, 1] to their first channel, o_d [1, BD], mask_x [N, 1]: real rows,
-    ss [N, 1] their sums of squares): RMSNorm times weight (NORM) rounded to dtype, then rotate-half RoPE
-    on the first R channels at position pos, in fp32: kernels/rope.py's arithmetic op for op, so the
-    caller's rounding to where rope.py stores gives its bits."""
+    ss [N, 1] their sums of squares) loaded, RMSNormed times weight (NORM) and rotated as kernels/rope.py
+    does it (its _norm_pairs and _rotate), so the caller's rounding to where rope.py stores gives its bits."""
     half: tl.constexpr = R // 2
-    mask_d = o_d < D
-    partner = tl.where(o_d < half, o_d + half, o_d - half)  # the channel each rotated one pairs with
-    in_rot = o_d < R
-    sign = tl.where(o_d < half, -1.0, 1.0)
-    b_x = tl.load(x + o_d, mask=mask_x & mask_d, other=0).to(tl.float32)
-    b_p = tl.load(x + partner, mask=mask_x & in_rot, other=0).to(tl.float32)
+    partner = tl.where(o_d < half, o_d + half, o_d - half)
+    b_x = tl.load(x + o_d, mask=mask_x & (o_d < D), other=0).to(tl.float32)
+    b_p = tl.load(x + partner, mask=mask_x & (o_d < R), other=0).to(tl.float32)
     if NORM:
-        rstd = 1.0 / tl.sqrt(ss / D + eps)
-        b_x = b_x * rstd * tl.load(weight + o_d, mask=mask_d, other=0).to(tl.float32)
-        b_p = b_p * rstd * tl.load(weight + partner, mask=in_rot, other=0).to(tl.float32)
-        b_x = b_x.to(dtype).to(tl.float32)
-        b_p = b_p.to(dtype).to(tl.float32)
-    angle = pos.to(tl.float32) * tl.load(inv_freq + o_d % half, mask=in_rot, other=0)
-    b_cos = tl.where(in_rot, tl.cos(angle), 1.0)
-    b_sin = tl.where(in_rot, tl.sin(angle), 0.0)
-    return b_x * b_cos + sign * b_p * b_sin  # channels past R: cos 1, sin 0
+        b_x, b_p = _norm_pairs(b_x, b_p, 1.0 / tl.sqrt(ss / D + eps), weight, o_d, D, R, dtype)
+    return _rotate(b_x, b_p, pos, inv_freq, o_d, R)
 
 
 @triton.jit

@@ -23,6 +23,31 @@ from kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
+def _norm_pairs(b_x, b_p, rstd, weight, o_d, D: tl.constexpr, R: tl.constexpr, dtype: tl.constexpr):
+    """Channels o_d of rows loaded in fp32 (b_x, and b_p each channel's rotation partner, channel c +- R / 2,
+    zero past R) times rstd and the norm weight, rounded to dtype as a separate RMSNorm would store them."""
+    half: tl.constexpr = R // 2
+    partner = tl.where(o_d < half, o_d + half, o_d - half)
+    b_x = b_x * rstd * tl.load(weight + o_d, mask=o_d < D, other=0).to(tl.float32)
+    b_p = b_p * rstd * tl.load(weight + partner, mask=o_d < R, other=0).to(tl.float32)
+    return b_x.to(dtype).to(tl.float32), b_p.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rotate(b_x, b_p, pos, inv_freq, o_d, R: tl.constexpr):
+    """Rotate-half RoPE of channels o_d at position pos in fp32: the first R rotate with their partners b_p,
+    the rest pass through. _norm_pairs and this are the one copy of the arithmetic: decode attention's
+    one-launch form (kernels/decode_attention.py) calls them too, so the two give the same bits."""
+    half: tl.constexpr = R // 2
+    in_rot = o_d < R
+    sign = tl.where(o_d < half, -1.0, 1.0)  # the sign each channel's partner enters with
+    angle = pos.to(tl.float32) * tl.load(inv_freq + o_d % half, mask=in_rot, other=0)
+    b_cos = tl.where(in_rot, tl.cos(angle), 1.0)
+    b_sin = tl.where(in_rot, tl.sin(angle), 0.0)
+    return b_x * b_cos + sign * b_p * b_sin  # channels past R: cos 1, sin 0
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(
     q,  # [T, H, D], last dim contiguous
     k,  # [T, KVH, D], last dim contiguous
@@ -60,10 +85,8 @@ def _qk_norm_rope_store_kernel(
     o_d = tl.arange(0, BD)
     mask_d = o_d < D
     half: tl.constexpr = R // 2
-    # The channel each rotated channel pairs with, and the sign it enters with.
-    partner = tl.where(o_d < half, o_d + half, o_d - half)
+    partner = tl.where(o_d < half, o_d + half, o_d - half)  # the channel each rotated one pairs with
     in_rot = o_d < R
-    sign = tl.where(o_d < half, -1.0, 1.0)
 
     if is_q:
         base = q + i_t * stride_q_t + i_h * stride_q_h
@@ -77,15 +100,9 @@ def _qk_norm_rope_store_kernel(
     b_p = tl.load(base + partner, mask=in_rot, other=0).to(tl.float32)
     if NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, 0) / D + eps)
-        b_x = (b_x * rstd * tl.load(weight + o_d, mask=mask_d, other=0).to(tl.float32))
-        b_p = (b_p * rstd * tl.load(weight + partner, mask=in_rot, other=0).to(tl.float32))
-        b_x = b_x.to(q_out.dtype.element_ty).to(tl.float32)
-        b_p = b_p.to(q_out.dtype.element_ty).to(tl.float32)
+        b_x, b_p = _norm_pairs(b_x, b_p, rstd, weight, o_d, D, R, q_out.dtype.element_ty)
     pos = tl.load(positions + i_t).to(tl.int64)
-    angle = pos.to(tl.float32) * tl.load(inv_freq + o_d % half, mask=in_rot, other=0)
-    b_cos = tl.where(in_rot, tl.cos(angle), 1.0)
-    b_sin = tl.where(in_rot, tl.sin(angle), 0.0)
-    b_y = b_x * b_cos + sign * b_p * b_sin  # channels past R: cos 1, sin 0
+    b_y = _rotate(b_x, b_p, pos, inv_freq, o_d, R)
 
     if is_q:
         tl.store(q_out + (i_t * H + i_h) * D + o_d, b_y.to(q_out.dtype.element_ty), mask=mask_d)
